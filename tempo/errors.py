@@ -1,0 +1,13 @@
+"""User-facing errors: one line that names the file, key or row; the CLI exits with code 2."""
+
+
+class TempoError(Exception):
+    """A problem with the user's input (config, data, paths), reported as one line."""
+
+
+class ConfigError(TempoError):
+    """An unknown key, a wrong type or an inconsistent combination of settings."""
+
+
+class DataError(TempoError):
+    """A data file that cannot be read or a row that cannot be used."""
