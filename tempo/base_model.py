@@ -1,0 +1,89 @@
+"""The embedded base policy: a tiny Qwen3 warm-started on worked solutions of the task.
+
+Built deterministically from the config, cached on disk under a hash of the settings that
+shape it, and saved in Hugging Face format so that the trainer loads it through the same
+`from_pretrained` path as a downloaded Qwen3 or OLMo3 checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tempo.config import BaseModelConfig, TaskConfig
+from tempo.task import sft_corpus
+from tempo.tokenizer import char_tokenizer
+
+log = logging.getLogger("tempo")
+
+
+def base_model_dir(task: TaskConfig, base: BaseModelConfig) -> Path:
+    shape = {k: v for k, v in asdict(base).items() if k != "cache_dir"}
+    key = json.dumps({"task": asdict(task), "base": shape}, sort_keys=True)
+    return Path(base.cache_dir) / f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
+    """The cached base model's directory, building it first when it is missing."""
+    out = base_model_dir(task, base)
+    if (out / "config.json").is_file():
+        return out
+    log.info("building the embedded base model in %s", out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = char_tokenizer()
+    model = build_tiny_qwen3(base, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
+                             eos_id=tokenizer.eos_token_id)
+    train_sft(model, tokenizer, sft_corpus(task, base.sft_examples, base.seed), base)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a half-built model is never mistaken for a cached one
+    return out
+
+
+def build_tiny_qwen3(base: BaseModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> Qwen3ForCausalLM:
+    torch.manual_seed(base.seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=base.hidden_size, intermediate_size=base.ffn_size,
+        num_hidden_layers=base.num_layers, num_attention_heads=base.num_heads,
+        num_key_value_heads=base.num_kv_heads, head_dim=base.head_dim,
+        max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+    )
+    return Qwen3ForCausalLM(cfg)
+
+
+def train_sft(model, tokenizer, corpus: list[tuple[str, str]], base: BaseModelConfig) -> None:
+    """Next-token loss on the solution and EOS only, cosine learning rate, fixed seed."""
+    gen = torch.Generator().manual_seed(base.seed)
+    encoded = [(tokenizer(q)["input_ids"], tokenizer(s)["input_ids"] + [tokenizer.eos_token_id])
+               for q, s in corpus]
+    opt = torch.optim.AdamW(model.parameters(), lr=base.sft_lr, weight_decay=0.0)
+    model.train()
+    for step in range(base.sft_steps):
+        lr = base.sft_lr * 0.5 * (1 + math.cos(math.pi * step / base.sft_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(encoded), (base.sft_batch_size,), generator=gen).tolist()
+        rows = [encoded[i] for i in idx]
+        width = max(len(q) + len(s) for q, s in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        for r, (q, s) in enumerate(rows):
+            ids[r, : len(q) + len(s)] = torch.tensor(q + s)
+            labels[r, len(q): len(q) + len(s)] = torch.tensor(s)
+        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
+                     labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == base.sft_steps - 1:
+            log.info("base model SFT step %d/%d loss %.4f", step + 1, base.sft_steps, loss.item())

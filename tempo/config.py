@@ -1,0 +1,297 @@
+"""Typed run configuration: dataclasses, YAML files and `section.key=value` overrides.
+
+Every knob of a run lives here, so that a YAML file in configs/ describes a run completely
+and the resolved config saved in the run directory reproduces it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tempo.errors import ConfigError
+
+
+@dataclass
+class TaskConfig:
+    """The embedded task: left-to-right chains of modular arithmetic, written out step by step."""
+
+    seed: int = 0
+    modulus: int = 13
+    min_ops: int = 3
+    max_ops: int = 5
+    num_labeled: int = 64  # D_L: the small labeled set the E-step recalibrates on
+    num_unlabeled: int = 256  # D_U: answers hidden from training, used only to score
+    num_heldout: int = 64  # labeled slice never trained on: measures the critic's calibration
+
+
+@dataclass
+class DataConfig:
+    """Where problems come from: the embedded task, or files (JSON, JSONL, parquet)."""
+
+    source: str = "embedded"  # embedded | files
+    labeled_files: list[str] = field(default_factory=list)
+    unlabeled_files: list[str] = field(default_factory=list)
+    heldout_files: list[str] = field(default_factory=list)
+    labeled_fraction: float = 0.0  # with only unlabeled_files: labeled share drawn from them
+    template: str = "raw"  # raw | plain | chat
+    seed: int = 0
+
+
+@dataclass
+class BaseModelConfig:
+    """The embedded base policy: a tiny Qwen3 warm-started by SFT on worked solutions."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_size: int = 384
+    sft_examples: int = 6000
+    sft_steps: int = 600
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    seed: int = 0
+    cache_dir: str = ".cache/tempo"
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "hf"  # hf | megatron
+    policy_path: str = ""  # a Hugging Face checkpoint; empty: the embedded base model
+    critic_path: str = ""  # empty: initialised from the policy
+    dtype: str = "float32"
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    kernels: str = "auto"  # auto | triton | torch | reference
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    n: int = 8  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+
+@dataclass
+class AlgorithmConfig:
+    method: str = "tempo"  # see tempo.methods.METHODS
+    policy_loss: str = "gspo"  # gspo | ppo
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    loss_agg: str = "seq-mean-token-mean"
+    cliprange_value: float = 0.1
+    recalibrate_every: int = 1  # E-step period in steps (tempo); 0 never
+    adaptive_brier: float = 0.05  # adaptive recalibration: E-step when held-out Brier rises this much
+    filter_groups: bool = True  # drop labeled groups whose rewards all agree
+    max_gen_batches: int = 4
+    vote_samples: int = 0  # TTRL: samples that vote (0: same as rollout.n)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    prompts_per_step: int = 32
+    labeled_per_step: int = 8  # of prompts_per_step, drawn from D_L
+    mini_batches: int = 2
+    micro_batch_size: int = 64  # sequences per forward/backward
+    policy_lr: float = 2e-4
+    critic_lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Stage1Config:
+    """RL with verifiable rewards on D_L before the EM loop: base policy and trained critic."""
+
+    steps: int = 10
+    critic_warmup_steps: int = 10  # critic-only steps first (policy frozen)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5
+    k: int = 8  # samples per D_U prompt: mean@k, maj@k
+    pass_k: int = 4  # pass@pass_k, unbiased estimate from the k samples
+    max_prompts: int = 0  # 0: all of D_U
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+    save_checkpoints: bool = True
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    ("data", "source"): ("embedded", "files"),
+    ("data", "template"): ("raw", "plain", "chat"),
+    ("model", "backend"): ("hf", "megatron"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("model", "kernels"): ("auto", "triton", "torch", "reference"),
+    ("rollout", "engine"): ("hf", "vllm"),
+    ("algorithm", "policy_loss"): ("gspo", "ppo"),
+    ("algorithm", "loss_agg"): ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+}
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check `value` against a dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):  # `key=a,b` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {typ} at {where}")
+
+
+def _merge(cfg: Config, updates: dict, origin: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for sec_name, sec_values in updates.items():
+        if sec_name not in sections:
+            raise ConfigError(f"{origin}: unknown section '{sec_name}'{_closest(sec_name, list(sections))}")
+        if not isinstance(sec_values, dict):
+            raise ConfigError(f"{origin}: section '{sec_name}' must be a mapping")
+        section = getattr(cfg, sec_name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in sec_values.items():
+            if key not in hints:
+                valid = [f"{sec_name}.{k}" for k in hints]
+                raise ConfigError(
+                    f"{origin}: unknown key '{sec_name}.{key}'{_closest(f'{sec_name}.{key}', valid)}"
+                )
+            setattr(section, key, _coerce(value, hints[key], f"{origin}: {sec_name}.{key}"))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _merge(cfg, data, str(path))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _merge(cfg, {section: {key: value}}, "override")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Choices and cross-field rules that the type check cannot see."""
+    from tempo.methods import METHODS  # methods import config: keep the cycle lazy
+
+    for (sec, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, sec), key)
+        if value not in choices:
+            raise ConfigError(f"{sec}.{key}: '{value}' is not one of {', '.join(choices)}")
+    if cfg.algorithm.method not in METHODS:
+        raise ConfigError(
+            f"algorithm.method: '{cfg.algorithm.method}' is not one of {', '.join(METHODS)}"
+            f"{_closest(cfg.algorithm.method, list(METHODS))}"
+        )
+    positive = [
+        ("rollout", "n"), ("rollout", "max_new_tokens"), ("train", "prompts_per_step"),
+        ("train", "mini_batches"), ("train", "micro_batch_size"), ("eval", "k"),
+        ("task", "modulus"), ("task", "min_ops"),
+    ]
+    for sec, key in positive:
+        if getattr(getattr(cfg, sec), key) <= 0:
+            raise ConfigError(f"{sec}.{key}: must be positive")
+    if cfg.task.max_ops < cfg.task.min_ops:
+        raise ConfigError("task.max_ops: must be at least task.min_ops")
+    if not 0 <= cfg.train.labeled_per_step <= cfg.train.prompts_per_step:
+        raise ConfigError("train.labeled_per_step: must be between 0 and train.prompts_per_step")
+    if not 1 <= cfg.eval.pass_k <= cfg.eval.k:
+        raise ConfigError("eval.pass_k: must be between 1 and eval.k")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError("rollout.temperature: must be positive")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError("rollout.top_p: must be in (0, 1]")
+    if cfg.model.tensor_parallel < 1 or cfg.model.pipeline_parallel < 1:
+        raise ConfigError("model.tensor_parallel / model.pipeline_parallel: must be at least 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(section.key, type, default) for every key: the CLI's --help lists them."""
+    rows = []
+    for sec in dataclasses.fields(Config):
+        section = sec.default_factory()
+        for f in dataclasses.fields(section):
+            typ = typing.get_type_hints(type(section))[f.name]
+            name = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
+            rows.append((f"{sec.name}.{f.name}", name, getattr(section, f.name)))
+    return rows
+

@@ -1,0 +1,83 @@
+"""What the EM loop needs from a model, whatever runs it (Hugging Face, Megatron-core TP/PP).
+
+A `TrainableLM` is a policy (per-token log-probs of the response) or a critic (per-token
+values) together with its optimiser. The loop hands it token batches and a loss function;
+how the forward/backward is scheduled (micro-batches, pipeline stages, gradient
+all-reduce) is the backend's business.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+LossFn = Callable[[dict[str, torch.Tensor], "TokenBatch"], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TokenBatch:
+    """Prompts left-padded, responses right-padded: the response is the last R columns."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens
+    response_mask: torch.Tensor  # [B, R] float, 1 for valid response tokens (EOS included)
+    # Per-row training data that travels with the tokens into micro-batches (old log-probs,
+    # advantages, returns, ...): the loss function reads it from the micro-batch it is given.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def position_ids(self) -> torch.Tensor:
+        # Left padding: positions count real tokens only, as during generation.
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, idx: torch.Tensor | slice) -> "TokenBatch":
+        return TokenBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
+                          {k: v[idx] for k, v in self.extras.items()})
+
+    def split(self, size: int) -> list["TokenBatch"]:
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+
+class TrainableLM(ABC):
+    """A policy or a critic with its optimiser; `kind` says which outputs it produces."""
+
+    kind: str  # "policy": {"logp", "entropy"}; "critic": {"values"}
+
+    @abstractmethod
+    def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        """Outputs aligned with the response columns, [B, R]; differentiable."""
+
+    @torch.no_grad()
+    def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        self.eval()
+        parts = [self.forward(mb) for mb in batch.split(micro_batch_size)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+        """One optimiser step: accumulate `loss_fn` gradients over the micro-batches, clip, step.
+
+        `loss_fn` returns each micro-batch's share of the mini-batch loss (already weighted).
+        """
+
+    @abstractmethod
+    def eval(self) -> None: ...
+
+    @abstractmethod
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Hugging Face-named full tensors, for rollout engines that hold their own copy."""
+
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Weights (safetensors, HF layout) and optimiser state."""
+
+    @abstractmethod
+    def load_optimizer(self, path: str) -> None: ...

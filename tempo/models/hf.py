@@ -1,0 +1,90 @@
+"""Hugging Face backend: one process, any `AutoModelForCausalLM` checkpoint (Qwen3, OLMo3, ...).
+
+The policy never materialises [tokens, vocab] logits: it takes the trunk's hidden states
+and the LM head's weight to the fused log-prob op. The critic is the same trunk with a
+one-label token-classification head (`AutoModelForTokenClassification`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+from tempo import ops
+from tempo.models.base import LossFn, TokenBatch, TrainableLM
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def load_policy_module(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) -> torch.nn.Module:
+    """A critic checkpoint, or a new value head on the policy's trunk (`init_from_policy`)."""
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.num_labels = 1  # passing num_labels= to from_pretrained fails in transformers 5
+    cfg.classifier_dropout = 0.0
+    module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
+    if init_from_policy:
+        # A fresh head predicts 0 = "as likely right as wrong" until the E-step trains it.
+        torch.nn.init.zeros_(module.score.weight)
+        if module.score.bias is not None:
+            torch.nn.init.zeros_(module.score.bias)
+    return module
+
+
+class HFModel(TrainableLM):
+    def __init__(self, module: torch.nn.Module, kind: str, *, lr: float, weight_decay: float,
+                 grad_clip: float, temperature: float = 1.0, kernels: str = "auto"):
+        assert kind in ("policy", "critic")
+        self.module, self.kind = module, kind
+        self.temperature, self.kernels, self.grad_clip = temperature, kernels, grad_clip
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay,
+                                           betas=(0.9, 0.99))
+
+    def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
+        hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids()).last_hidden_state
+        B, R = len(batch), batch.response_len
+        if self.kind == "critic":
+            # V(x, y_<=t): the value read at the position of response token t.
+            return {"values": self.module.score(hidden[:, -R:]).squeeze(-1).float()}
+        # Position p predicts token p+1, so the response is scored from one column earlier.
+        h = hidden[:, -R - 1:-1].reshape(B * R, -1)
+        labels = batch.input_ids[:, -R:].reshape(-1)
+        logp, entropy = ops.linear_logprob(h, self.module.lm_head.weight, labels, self.temperature,
+                                           with_entropy=True, mode=self.kernels)
+        return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
+
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for mb in micro_batches:
+            loss, stats = loss_fn(self.forward(mb), mb)
+            loss.backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.module.state_dict().items()
+
+    def save(self, path: str) -> None:
+        self.module.save_pretrained(path)
+        torch.save(self.optimizer.state_dict(), Path(path) / OPTIMIZER_FILE)
+
+    def load_optimizer(self, path: str) -> None:
+        file = Path(path) / OPTIMIZER_FILE
+        if file.is_file():
+            self.optimizer.load_state_dict(torch.load(file, weights_only=True))

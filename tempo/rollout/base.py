@@ -1,0 +1,58 @@
+"""What the EM loop needs from a rollout engine (HF generate on CPU, vLLM on GPUs)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from tempo.config import RolloutConfig
+from tempo.models.base import TokenBatch
+
+
+@dataclass
+class Rollouts:
+    """n responses per prompt; prompt i's samples are rows i*n .. i*n+n-1."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, R] right-padded
+    response_mask: torch.Tensor  # [B, R] float: tokens up to and including EOS
+    logprobs: torch.Tensor  # [B, R] log-prob of each sampled token at the sampling temperature
+    texts: list[str]  # decoded responses, special tokens removed
+    truncated: torch.Tensor  # [B] bool: hit max_new_tokens without EOS
+
+    def token_batch(self) -> TokenBatch:
+        return TokenBatch(
+            input_ids=torch.cat([self.prompt_ids, self.response_ids], 1),
+            attention_mask=torch.cat([self.prompt_mask, self.response_mask.long()], 1),
+            response_mask=self.response_mask,
+        )
+
+
+class RolloutEngine(ABC):
+    def __init__(self, cfg: RolloutConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def generate(self, prompts: list[str], n: int, *, temperature: float | None = None) -> Rollouts:
+        """Sample n responses for each formatted prompt (temperature defaults to the config's)."""
+
+    @abstractmethod
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take the policy's new weights (HF names) after an M-step."""
+
+
+def pad_responses(responses: list[list[int]], eos_id: int, pad_id: int, max_len: int):
+    """Right-pad token lists; the mask keeps tokens up to and including the first EOS."""
+    width = max(1, max((len(r) for r in responses), default=1))
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), width)
+    truncated = torch.zeros(len(responses), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        end = r.index(eos_id) + 1 if eos_id in r else len(r)
+        truncated[i] = eos_id not in r and len(r) >= max_len
+        ids[i, :end] = torch.tensor(r[:end], dtype=torch.long)
+        mask[i, :end] = 1.0
+    return ids, mask, truncated

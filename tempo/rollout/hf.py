@@ -1,0 +1,59 @@
+"""Rollout with Hugging Face `generate` (KV cache), for CPU runs and small models."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from transformers import GenerationConfig
+
+from tempo.config import RolloutConfig
+from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Generates with the policy's own module, so weight sync after an M-step is free."""
+
+    def __init__(self, cfg: RolloutConfig, module: torch.nn.Module, tokenizer, batch_size: int = 1024):
+        super().__init__(cfg)
+        self.module, self.tokenizer, self.batch_size = module, tokenizer, batch_size
+
+    def _generation_config(self, temperature: float) -> GenerationConfig:
+        # top_k=0 explicitly: generate's default (50) would truncate the distribution.
+        return GenerationConfig(
+            do_sample=True, temperature=temperature, top_p=self.cfg.top_p, top_k=0,
+            max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, *, temperature: float | None = None) -> Rollouts:
+        temperature = self.cfg.temperature if temperature is None else temperature
+        self.module.eval()
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        prompt_ids = enc.input_ids.repeat_interleave(n, 0)
+        prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
+        gen_cfg = self._generation_config(temperature)
+        rows, logps = [], []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out = self.module.generate(input_ids=prompt_ids[sl], attention_mask=prompt_mask[sl],
+                                       generation_config=gen_cfg)
+            resp = out.sequences[:, prompt_ids.shape[1]:]
+            logits = torch.stack(out.logits, 1).float() / temperature
+            logp = torch.log_softmax(logits, -1).gather(-1, resp[..., None]).squeeze(-1)
+            rows += resp.tolist()
+            logps.append(logp)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
+        width = ids.shape[1]
+        logprobs = torch.cat([torch.nn.functional.pad(l, (0, width - l.shape[1])) for l in logps]) * mask
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollouts(prompt_ids, prompt_mask, ids, mask, logprobs, texts, truncated)
+
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        state = dict(weights)
+        own = self.module.state_dict()
+        if all(own[k].data_ptr() == v.data_ptr() for k, v in state.items() if k in own):
+            return  # the policy's own tensors: nothing to copy
+        self.module.load_state_dict(state)
