@@ -20,13 +20,13 @@ def vote_extension():
 
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     use_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     if use_cuda and cuda_sources:
         ext = cpp_extension.CUDAExtension(
             "tempo._vote_ext",
             sources + cuda_sources,
             define_macros=[("TEMPO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )
     else:

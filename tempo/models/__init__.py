@@ -1,0 +1,1 @@
+"""Model backends behind one interface (tempo.models.base): Hugging Face, Megatron-core."""

@@ -1,0 +1,1 @@
+"""Rollout engines behind one interface (tempo.rollout.base): HF generate, vLLM."""
