@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-from tempo import ops
+import tempo_kernels
 from tempo.models.base import LossFn, TokenBatch, TrainableLM
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -38,10 +38,10 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
 
 class HFModel(TrainableLM):
     def __init__(self, module: torch.nn.Module, kind: str, *, lr: float, weight_decay: float,
-                 grad_clip: float, temperature: float = 1.0, kernels: str = "auto"):
+                 grad_clip: float, temperature: float = 1.0):
         assert kind in ("policy", "critic")
         self.module, self.kind = module, kind
-        self.temperature, self.kernels, self.grad_clip = temperature, kernels, grad_clip
+        self.temperature, self.grad_clip = temperature, grad_clip
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay,
                                            betas=(0.9, 0.99))
 
@@ -56,8 +56,8 @@ class HFModel(TrainableLM):
         # Position p predicts token p+1, so the response is scored from one column earlier.
         h = hidden[:, -R - 1:-1].reshape(B * R, -1)
         labels = batch.input_ids[:, -R:].reshape(-1)
-        logp, entropy = ops.linear_logprob(h, self.module.lm_head.weight, labels, self.temperature,
-                                           with_entropy=True, mode=self.kernels)
+        logp, entropy = tempo_kernels.linear_logprob(h, self.module.lm_head.weight, labels,
+                                                     self.temperature, with_entropy=True)
         return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:

@@ -1,0 +1,34 @@
+# Two commands: `make run` (the main job on the embedded default) and `make test`.
+# Each creates .venv and installs what it needs on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/tiny_cpu.yaml
+
+.PHONY: install run test test-all bench compare clean
+
+$(STAMP): requirements-cpu.txt setup.py $(wildcard csrc/*)
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tempo train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/pytest -q benchmarks --benchmark-only
+
+compare: $(STAMP)
+	$(BIN)/tempo compare --config $(CONFIG) --out benchmarks/results/compare_tiny_cpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info tempo/*.so .cache runs

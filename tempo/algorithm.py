@@ -1,0 +1,51 @@
+"""The losses and advantages of the EM loop (DESIGN.md §1), on [B, R] response tensors.
+
+Advantages and the policy loss run through the kernel dispatch (`tempo_kernels`: Triton on
+CUDA tensors, a PyTorch path on CPU, chosen by `model.kernels`); the value loss is small
+elementwise work and stays here.
+"""
+from __future__ import annotations
+
+import torch
+
+import tempo_kernels
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def em_token_advantage(terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A_t = R_T − V(x, y_<=t), whitened over every valid token of the batch."""
+    return tempo_kernels.em_token_advantage(terminal_reward, values, mask)
+
+
+def grpo_advantage(scores: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+    """Scores normalised within each prompt's group of n, broadcast to every token."""
+    groups = torch.arange(len(scores)) // n
+    adv = tempo_kernels.group_advantage(scores, groups)
+    return adv[:, None] * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, kind: str, clip_low: float, clip_high: float,
+                agg: str):
+    """GSPO (sequence-level ratio) or PPO-clip; returns (loss, {"clipfrac", "approx_kl"})."""
+    return tempo_kernels.policy_loss(logp, old_logp, advantages, mask, kind=kind, clip_low=clip_low,
+                                     clip_high=clip_high, agg=agg)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """0.5 · max((v − R)², (v_clip − R)²), token-mean over valid tokens.
+
+    The clip shifts a whole sequence so that its mean prediction moves at most ±cliprange
+    from the old values: the critic's per-sequence level changes slowly, its shape freely.
+    """
+    lengths = mask.sum(-1).clamp(min=1)
+    shift = ((values - old_values) * mask).sum(-1) / lengths  # [B]
+    v_clip = values - (shift - shift.clamp(-cliprange, cliprange))[:, None]
+    target = returns[:, None]
+    loss_raw, loss_clip = (values - target) ** 2, (v_clip - target) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_raw, loss_clip), mask)
+    clipfrac = masked_mean((loss_clip > loss_raw).float(), mask)
+    return loss, {"vf_clipfrac": float(clipfrac)}

@@ -1,0 +1,67 @@
+"""End-of-run report: a markdown summary table and a PNG of the curves, from metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tempo.logger import read_metrics
+
+HEADLINE = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_heldout", "critic_brier_heldout")
+CURVES = ("mean@k", "pass@k", "maj@k", "critic_auroc_heldout")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "eval"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Base (step 0), final and best-by-mean@k evaluations."""
+    best = max(rows, key=lambda r: r.get("mean@k") or 0.0)
+    return {"base": rows[0], "final": rows[-1], "best": best}
+
+
+def markdown_table(named: dict[str, dict], keys=HEADLINE) -> str:
+    lines = ["| | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name, row in named.items():
+        lines.append(f"| {name} | {row['step']} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(series: dict[str, list[dict]], path: Path, keys=CURVES) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        for name, rows in series.items():
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, method: str, seconds: float) -> dict:
+    rows = evals(run_dir)
+    summary = summarise(rows)
+    table = markdown_table(summary)
+    gain = (summary["final"]["mean@k"] - summary["base"]["mean@k"]) * 100
+    text = (f"# {method}: {run_dir}\n\n{table}\n\nD_U mean@k change, base to final: {gain:+.1f} points; "
+            f"wall clock {seconds / 60:.1f} min.\n")
+    (run_dir / "summary.md").write_text(text)
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=1))
+    plot_curves({method: rows}, run_dir / "curves.png")
+    print(text)
+    return summary

@@ -1,0 +1,92 @@
+"""The EM loop end to end on a model of a few thousand parameters, and its config errors."""
+import json
+
+import pytest
+import torch
+
+from tempo.base_model import build_tiny_qwen3
+from tempo.config import BaseModelConfig, load_config
+from tempo.errors import ConfigError
+from tempo.tokenizer import char_tokenizer
+from tempo.train import train
+
+MICRO = BaseModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, ffn_size=32)
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory):
+    """A randomly initialised Qwen3 of ~4k parameters, saved as a Hugging Face checkpoint."""
+    path = tmp_path_factory.mktemp("micro")
+    tok = char_tokenizer()
+    model = build_tiny_qwen3(MICRO, len(tok), tok.pad_token_id, tok.eos_token_id)
+    assert sum(p.numel() for p in model.parameters()) < 10_000
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def micro_config(tmp_path, policy_path, *extra):
+    return load_config(None, [
+        f"model.policy_path={policy_path}", f"run.out_dir={tmp_path / 'run'}", f"base_model.cache_dir={tmp_path / 'cache'}",
+        "task.num_labeled=8", "task.num_unlabeled=8", "task.num_heldout=4", "task.min_ops=1", "task.max_ops=2",
+        "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.labeled_per_step=2",
+        "train.micro_batch_size=8", "train.steps=2", "eval.every=1", "eval.k=4", "eval.pass_k=2",
+        "stage1.steps=1", "stage1.critic_warmup_steps=1", "algorithm.filter_groups=false",
+        "run.progress=false", "run.tensorboard=false", *extra,
+    ])
+
+
+def read(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_em_steps(tmp_path, micro_model):
+    cfg = micro_config(tmp_path, micro_model)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    rows = read(run)
+    train_rows = [r for r in rows if r["phase"] == "train"]
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert [r["step"] for r in train_rows] == [1, 2] and [r["step"] for r in evals] == [0, 1, 2]
+    for r in train_rows:
+        assert r["recalibrations"] == r["step"]  # tempo: an E-step every step
+        assert all(k in r for k in ("actor/pg_loss", "critic/value_loss", "drift/pseudo_acc", "no_answer_frac"))
+        assert torch.isfinite(torch.tensor(r["actor/grad_norm"]))
+    for key in ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_heldout", "no_answer_frac"):
+        assert key in evals[-1]
+    assert summary["final"]["step"] == 2
+    for name in ("config.yaml", "summary.md", "curves.png", "checkpoints/step_2/policy/model.safetensors",
+                 "checkpoints/step_2/critic/model.safetensors", "checkpoints/step_2/trainer_state.pt"):
+        assert (run / name).is_file(), name
+    # Stage 1 is cached: its models exist and a second run reuses them.
+    assert len(list((tmp_path / "cache").glob("stage1-*/critic/config.json"))) == 1
+
+
+def test_same_seed_same_metrics(tmp_path, micro_model):
+    firsts = []
+    for i in range(2):
+        cfg = micro_config(tmp_path / str(i), micro_model, "train.steps=1", "run.save_checkpoints=false")
+        train(cfg)
+        firsts.append(read(tmp_path / str(i) / "run"))
+    assert firsts[0] == firsts[1]
+
+
+@pytest.mark.parametrize("method", ["ttrl", "empo", "m-step-only", "tempo-fixed-critic", "rlvr", "tempo-adaptive"])
+def test_methods_are_configs(tmp_path, micro_model, method):
+    cfg = micro_config(tmp_path, micro_model, f"algorithm.method={method}", "train.steps=1",
+                       "eval.every=5", "run.save_checkpoints=false", "stage1.steps=0", "stage1.critic_warmup_steps=0")
+    train(cfg)
+    step = [r for r in read(tmp_path / "run") if r["phase"] == "train"][0]
+    # Only RLVR recalibrates at step 1; adaptive TEMPO takes its Brier yardstick there.
+    assert step["recalibrations"] == (1 if method == "rlvr" else 0)
+    assert ("critic/value_loss" in step) == (method == "rlvr")
+
+
+def test_empty_labeled_set_is_a_config_error(tmp_path, micro_model):
+    with pytest.raises(ConfigError, match="D_L is empty"):
+        train(micro_config(tmp_path, micro_model, "task.num_labeled=0", "stage1.steps=0", "stage1.critic_warmup_steps=0"))
+
+
+def test_empty_unlabeled_set_is_a_config_error(tmp_path, micro_model):
+    with pytest.raises(ConfigError, match="D_U is empty"):
+        train(micro_config(tmp_path, micro_model, "task.num_unlabeled=0", "stage1.steps=0", "stage1.critic_warmup_steps=0"))
