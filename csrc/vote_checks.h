@@ -1,12 +1,15 @@
-// Argument checks shared by the CPU (vote_ops.cpp) and CUDA (vote_cuda.cu) implementations
-// of tempo_vote::aggregate. Only shapes, dtypes and devices: the CPU implementation also
-// checks the offset values; the CUDA one trusts them (checking would synchronise).
+// Argument checks and output buffers shared by the CPU (vote_ops.cpp) and CUDA (vote_cuda.cu)
+// implementations of tempo_vote::aggregate. The checks cover only shapes, dtypes and devices:
+// the CPU implementation also checks the offset values; the CUDA one trusts them (checking
+// would synchronise).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 
 namespace tempo_vote {
 
@@ -30,5 +33,39 @@ inline void check_aggregate_args(const at::Tensor& hashes, const at::Tensor& off
                 "tempo_vote::aggregate: truth must be on the device of hashes");
   }
 }
+
+// The seven outputs of aggregate, in schema order.
+using AggregateStats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+// Contiguous truth and the (uninitialised) outputs of one aggregate call on the device of the
+// contiguous hashes `h`; without truth, `correct` and `majority_correct` are empty and their
+// pointers (like truth_ptr) are null.
+struct AggregateBuffers {
+  AggregateBuffers(const at::Tensor& h, int64_t groups, const std::optional<at::Tensor>& truth)
+      : with_truth(truth.has_value()),
+        majority(at::empty({groups}, h.options())),
+        majority_count(at::empty({groups}, h.options())),
+        agreement(at::empty({h.numel()}, h.options().dtype(at::kFloat))),
+        distinct(at::empty({groups}, h.options())),
+        entropy(at::empty({groups}, h.options().dtype(at::kFloat))),
+        correct(at::empty({with_truth ? groups : 0}, h.options())),
+        majority_correct(at::empty({with_truth ? groups : 0}, h.options().dtype(at::kBool))) {
+    if (with_truth) t = truth->contiguous();
+  }
+
+  const int64_t* truth_ptr() const { return with_truth ? t.data_ptr<int64_t>() : nullptr; }
+  int64_t* correct_ptr() const { return with_truth ? correct.data_ptr<int64_t>() : nullptr; }
+  bool* majority_correct_ptr() const {
+    return with_truth ? majority_correct.data_ptr<bool>() : nullptr;
+  }
+  AggregateStats outputs() const {
+    return {majority, majority_count, agreement, distinct, entropy, correct, majority_correct};
+  }
+
+  bool with_truth;
+  at::Tensor majority, majority_count, agreement, distinct, entropy, correct, majority_correct;
+  at::Tensor t;
+};
 
 }  // namespace tempo_vote

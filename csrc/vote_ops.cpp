@@ -8,7 +8,6 @@
 
 #include <optional>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "vote_checks.h"
@@ -21,11 +20,8 @@
 namespace tempo_vote {
 namespace {
 
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                         at::Tensor>;
-
-Stats aggregate_cpu(const at::Tensor& hashes, const at::Tensor& offsets,
-                    const std::optional<at::Tensor>& truth) {
+AggregateStats aggregate_cpu(const at::Tensor& hashes, const at::Tensor& offsets,
+                             const std::optional<at::Tensor>& truth) {
   check_aggregate_args(hashes, offsets, truth);
   const at::Tensor h = hashes.contiguous();
   const at::Tensor off = offsets.contiguous();
@@ -37,22 +33,12 @@ Stats aggregate_cpu(const at::Tensor& hashes, const at::Tensor& offsets,
   for (int64_t g = 0; g < groups; ++g)
     TORCH_CHECK(o[g] <= o[g + 1], "tempo_vote::aggregate: offsets must be non-decreasing (offsets[",
                 g, "] = ", o[g], " > offsets[", g + 1, "] = ", o[g + 1], ")");
-  const auto opts = h.options();
-  at::Tensor majority = at::empty({groups}, opts);
-  at::Tensor majority_count = at::empty({groups}, opts);
-  at::Tensor agreement = at::empty({n}, opts.dtype(at::kFloat));
-  at::Tensor distinct = at::empty({groups}, opts);
-  at::Tensor entropy = at::empty({groups}, opts.dtype(at::kFloat));
-  at::Tensor correct = at::empty({truth ? groups : 0}, opts);
-  at::Tensor majority_correct = at::empty({truth ? groups : 0}, opts.dtype(at::kBool));
-  at::Tensor t;
-  if (truth) t = truth->contiguous();
-  aggregate(h.data_ptr<int64_t>(), n, o, groups, truth ? t.data_ptr<int64_t>() : nullptr,
-            majority.data_ptr<int64_t>(), majority_count.data_ptr<int64_t>(),
-            agreement.data_ptr<float>(), distinct.data_ptr<int64_t>(), entropy.data_ptr<float>(),
-            truth ? correct.data_ptr<int64_t>() : nullptr,
-            truth ? majority_correct.data_ptr<bool>() : nullptr);
-  return {majority, majority_count, agreement, distinct, entropy, correct, majority_correct};
+  const AggregateBuffers b(h, groups, truth);
+  aggregate(h.data_ptr<int64_t>(), n, o, groups, b.truth_ptr(), b.majority.data_ptr<int64_t>(),
+            b.majority_count.data_ptr<int64_t>(), b.agreement.data_ptr<float>(),
+            b.distinct.data_ptr<int64_t>(), b.entropy.data_ptr<float>(), b.correct_ptr(),
+            b.majority_correct_ptr());
+  return b.outputs();
 }
 
 // UTF-8 view of a str (surrogates kept via "surrogatepass", like the Python fallback). When a

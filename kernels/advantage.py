@@ -152,8 +152,8 @@ def _em_token_advantage_torch(terminal_reward, values, mask, eps):
 if HAS_TRITON:
 
     @triton.jit
-    def _em_moments_kernel(RW, VAL, MASK, CNT, SUM, M2, N, R, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
+    def _em_load_block(RW, VAL, MASK, pid, N, R, BLOCK: tl.constexpr):
+        """(offs, inb, valid, R_terminal - V) of block `pid` of the flattened [B, R] batch."""
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
         row = offs // R
@@ -161,7 +161,13 @@ if HAS_TRITON:
         v = tl.load(VAL + offs, mask=inb, other=0.0).to(tl.float32)
         mk = tl.load(MASK + offs, mask=inb, other=0)
         valid = inb & (mk != 0)
-        a = tl.where(valid, rw - v, 0.0)
+        return offs, inb, valid, rw - v
+
+    @triton.jit
+    def _em_moments_kernel(RW, VAL, MASK, CNT, SUM, M2, N, R, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        _, _, valid, diff = _em_load_block(RW, VAL, MASK, pid, N, R, BLOCK)
+        a = tl.where(valid, diff, 0.0)
         cnt = tl.sum(valid.to(tl.float32), axis=0)
         s = tl.sum(a, axis=0)
         mean = s / tl.maximum(cnt, 1.0)
@@ -172,17 +178,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _em_apply_kernel(RW, VAL, MASK, OUT, MEAN, RSTD, N, R, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < N
-        row = offs // R
-        rw = tl.load(RW + row, mask=inb, other=0.0).to(tl.float32)
-        v = tl.load(VAL + offs, mask=inb, other=0.0).to(tl.float32)
-        mk = tl.load(MASK + offs, mask=inb, other=0)
-        valid = inb & (mk != 0)
+        offs, inb, valid, diff = _em_load_block(RW, VAL, MASK, tl.program_id(0), N, R, BLOCK)
         mean = tl.load(MEAN)
         rstd = tl.load(RSTD)
-        out = tl.where(valid, (rw - v - mean) * rstd, 0.0)
+        out = tl.where(valid, (diff - mean) * rstd, 0.0)
         tl.store(OUT + offs, out, mask=inb)
 
 

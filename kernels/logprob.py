@@ -148,11 +148,16 @@ class _Buffers:
         return self.bufs[i][: rows * cols].view(rows, cols)
 
 
-def _scaled_hidden(hidden: torch.Tensor, cd: torch.dtype, temperature: float) -> torch.Tensor:
+def _torch_setup(hidden, weight, temperature, block_t, block_v):
+    """(compute dtype, T, V, block_t, block_v, hidden / temperature) of the torch path."""
+    cd = compute_dtype(hidden, weight)
+    T, V = hidden.shape[0], weight.shape[0]
+    bt = min(block_t or TORCH_BLOCK_T, max(T, 1))
+    bv = min(block_v or TORCH_BLOCK_V, max(V, 1))
     hs = hidden.to(cd)
     if temperature != 1.0:
         hs = hs * (1.0 / temperature)
-    return hs
+    return cd, T, V, bt, bv, hs
 
 
 def _torch_stats(
@@ -166,12 +171,8 @@ def _torch_stats(
     block_v: Optional[int] = None,
 ) -> ShardStats:
     """ShardStats of the columns `weight` (global ids vocab_start + j), blockwise."""
-    cd = compute_dtype(hidden, weight)
-    T, V = hidden.shape[0], weight.shape[0]
-    bt = min(block_t or TORCH_BLOCK_T, max(T, 1))
-    bv = min(block_v or TORCH_BLOCK_V, max(V, 1))
+    cd, T, V, bt, bv, hs = _torch_setup(hidden, weight, temperature, block_t, block_v)
     dev = hidden.device
-    hs = _scaled_hidden(hidden, cd, temperature)
     m = torch.full((T,), _NEG, dtype=cd, device=dev)
     s = torch.zeros(T, dtype=cd, device=dev)
     w = torch.zeros(T, dtype=cd, device=dev)
@@ -232,12 +233,8 @@ def _torch_backward(
     need_dh=True, need_dw=True, block_t=None, block_v=None,
 ):
     """(dH [T, d] in compute dtype or None, dW [V, d] in weight.dtype or None)."""
-    cd = compute_dtype(hidden, weight)
-    T, V = hidden.shape[0], weight.shape[0]
-    bt = min(block_t or TORCH_BLOCK_T, max(T, 1))
-    bv = min(block_v or TORCH_BLOCK_V, max(V, 1))
+    cd, T, V, bt, bv, hs = _torch_setup(hidden, weight, temperature, block_t, block_v)
     dev = hidden.device
-    hs = _scaled_hidden(hidden, cd, temperature)
     lab = labels - vocab_start
     dh = torch.zeros(T, hidden.shape[1], dtype=cd, device=dev) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
@@ -279,6 +276,30 @@ def _torch_backward(
 if HAS_TRITON:
 
     @triton.jit
+    def _lp_logits_tile(
+        H, W, offs_t, offs_v, tmask, vmask, D, stride_ht, stride_wv,
+        DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+        BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+    ):
+        """[BT, BV] float32 tile of H[offs_t] @ W[offs_v].T (masked rows / columns give 0)."""
+        acc = tl.zeros([BT, BV], tl.float32)
+        for k in range(0, D, BD):
+            offs_d = k + tl.arange(0, BD)
+            dmask = offs_d < D
+            h = tl.load(H + offs_t[:, None] * stride_ht + offs_d[None, :],
+                        mask=tmask[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_d[None, :],
+                        mask=vmask[:, None] & dmask[None, :], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
     def _lp_stats_kernel(
         H, W, LAB, M_OUT, S_OUT, WS_OUT, TG_OUT,
         T, V, D, stride_ht, stride_wv,
@@ -300,21 +321,8 @@ if HAS_TRITON:
         for v0 in range(v_lo, v_hi, BV):
             offs_v = v0 + tl.arange(0, BV)
             vmask = offs_v < v_hi
-            acc = tl.zeros([BT, BV], tl.float32)
-            for k in range(0, D, BD):
-                offs_d = k + tl.arange(0, BD)
-                dmask = offs_d < D
-                h = tl.load(H + offs_t[:, None] * stride_ht + offs_d[None, :],
-                            mask=tmask[:, None] & dmask[None, :], other=0.0)
-                w = tl.load(W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_d[None, :],
-                            mask=vmask[:, None] & dmask[None, :], other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h, tl.trans(w), acc)
+            acc = _lp_logits_tile(H, W, offs_t, offs_v, tmask, vmask, D, stride_ht, stride_wv,
+                                  DOT_FP32, IEEE, BT, BV, BD)
             z = tl.where(vmask[None, :], acc * inv_temp, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -349,21 +357,8 @@ if HAS_TRITON:
         offs_v = pid_v * BV + tl.arange(0, BV)
         tmask = offs_t < T
         vmask = offs_v < V
-        acc = tl.zeros([BT, BV], tl.float32)
-        for k in range(0, D, BD):
-            offs_d = k + tl.arange(0, BD)
-            dmask = offs_d < D
-            h = tl.load(H + offs_t[:, None] * stride_ht + offs_d[None, :],
-                        mask=tmask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_d[None, :],
-                        mask=vmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, tl.trans(w), acc)
+        acc = _lp_logits_tile(H, W, offs_t, offs_v, tmask, vmask, D, stride_ht, stride_wv,
+                              DOT_FP32, IEEE, BT, BV, BD)
         lse = tl.load(LSE + offs_t, mask=tmask, other=0.0)
         gl = tl.load(GL + offs_t, mask=tmask, other=0.0)
         logp = acc * inv_temp - lse[:, None]
@@ -393,18 +388,18 @@ def _dot_flags(dtype: torch.dtype):
     return dot_fp32, ieee
 
 
-def _check_triton_dtypes(*ts):
-    for t in ts:
+def _triton_inputs(hidden, weight):
+    """(hidden, weight) checked for a tl.dot dtype and made contiguous."""
+    for t in (hidden, weight):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"triton linear_logprob: unsupported dtype {t.dtype}")
+    return hidden.contiguous(), weight.contiguous()
 
 
 def _triton_stats(
     hidden, weight, labels, vocab_start, temperature, with_entropy, num_splits: Optional[int] = None
 ) -> ShardStats:
-    _check_triton_dtypes(hidden, weight)
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
+    hidden, weight = _triton_inputs(hidden, weight)
     labels = labels.contiguous()
     T, D = hidden.shape
     V = weight.shape[0]
@@ -454,9 +449,7 @@ def _triton_backward(
     Blocks of d loss / d logits hold at most TRITON_BWD_BLOCK_ELEMS elements: all T tokens
     and as many vocabulary columns as fit (>= 4096), unless block_t / block_v say otherwise.
     """
-    _check_triton_dtypes(hidden, weight)
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
+    hidden, weight = _triton_inputs(hidden, weight)
     T, D = hidden.shape
     V = weight.shape[0]
     BT, BV, BD, warps, stages = _triton_blocks(T, D)
@@ -521,6 +514,21 @@ def _backward(impl, *args, **kw):
     return _torch_backward(*args, **kw)
 
 
+def _impl_for(hidden, weight) -> str:
+    """backend_for(hidden), with "triton" falling back to "torch" for float64 (no float64 tl.dot)."""
+    backend = backend_for(hidden)
+    if backend == "triton" and torch.float64 in (hidden.dtype, weight.dtype):
+        return "torch"
+    return backend
+
+
+def _upstream_grads(labels, lse, grad_logp, grad_entropy):
+    """(gl, ge) in lse's dtype, contiguous: gl is 0 at ignored labels; ge None without entropy grad."""
+    gl = torch.where(labels >= 0, grad_logp.to(lse.dtype), torch.zeros_like(lse)).contiguous()
+    ge = None if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
+    return gl, ge
+
+
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, with_entropy, impl, opts):
@@ -543,8 +551,7 @@ class _LinearLogprob(torch.autograd.Function):
             return (None,) * 7
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        gl = torch.where(labels >= 0, g_logp.to(lse.dtype), torch.zeros_like(lse)).contiguous()
-        ge = g_ent.to(lse.dtype).contiguous() if (ctx.with_entropy and g_ent is not None) else None
+        gl, ge = _upstream_grads(labels, lse, g_logp, g_ent if ctx.with_entropy else None)
         with torch.no_grad():
             dh, dw = _backward(
                 ctx.impl, hidden, weight, labels, 0, lse, ent, gl, ge, ctx.temperature,
@@ -597,13 +604,11 @@ def linear_logprob(
     float64 for float64 inputs. Never materialises [T, V] logits. Differentiable w.r.t.
     hidden and weight, through logp and (when with_entropy) the entropy.
     """
-    backend = backend_for(hidden)
+    backend = _impl_for(hidden, weight)
     if backend == "reference":
         logp, ent = linear_logprob_reference(hidden, weight, labels, temperature, with_entropy)
         out = compute_dtype(hidden, weight)
         return logp.to(out), (None if ent is None else ent.to(out))
-    if backend == "triton" and (hidden.dtype == torch.float64 or weight.dtype == torch.float64):
-        backend = "torch"  # no float64 tl.dot path
     if backend == "triton":
         return linear_logprob_triton(hidden, weight, labels, temperature, with_entropy)
     return linear_logprob_torch(hidden, weight, labels, temperature, with_entropy)
@@ -640,11 +645,9 @@ def vocab_shard_stats(
     and all-reduces (SUM) the returned grad_hidden; its grad_weight_shard is already complete.
     """
     labels = labels.to(torch.int64)
-    backend = backend_for(hidden)
+    impl = _impl_for(hidden, weight_shard)  # "reference" runs the torch path here
     with torch.no_grad():
-        if backend == "triton" and hidden.dtype != torch.float64 and weight_shard.dtype != torch.float64:
-            return _triton_stats(hidden, weight_shard, labels, vocab_start, temperature, with_entropy)
-        return _torch_stats(hidden, weight_shard, labels, vocab_start, temperature, with_entropy)
+        return _stats(impl, hidden, weight_shard, labels, vocab_start, temperature, with_entropy)
 
 
 def vocab_shard_grad(
@@ -662,13 +665,10 @@ def vocab_shard_grad(
     stats) and the upstream grads of logp / entropy. Returns (grad_hidden partial [T, d]
     float32 — sum it over shards —, grad_weight_shard [Vs, d] in weight_shard.dtype)."""
     labels = labels.to(torch.int64)
-    gl = torch.where(labels >= 0, grad_logp.to(lse.dtype), torch.zeros_like(lse)).contiguous()
-    ge = None if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    backend = backend_for(hidden)
+    gl, ge = _upstream_grads(labels, lse, grad_logp, grad_entropy)
+    impl = _impl_for(hidden, weight_shard)  # "reference" runs the torch path here
     with torch.no_grad():
-        if backend == "triton" and hidden.dtype != torch.float64 and weight_shard.dtype != torch.float64:
-            return _triton_backward(hidden, weight_shard, labels, vocab_start, lse, entropy, gl, ge, temperature)
-        return _torch_backward(hidden, weight_shard, labels, vocab_start, lse, entropy, gl, ge, temperature)
+        return _backward(impl, hidden, weight_shard, labels, vocab_start, lse, entropy, gl, ge, temperature)
 
 
 __all__ = [

@@ -64,6 +64,17 @@ def _aggregate(lm, valid, agg):
     return row.sum() / rows
 
 
+def _masked_inputs(logp, old_logp, advantages, mask):
+    """(compute dtype, valid, 0-d zero, lp, old, adv): the inputs in compute dtype, 0 where invalid."""
+    cd = compute_dtype(logp, old_logp, advantages)
+    valid = mask != 0
+    zero = torch.zeros((), dtype=cd, device=logp.device)
+    lp = torch.where(valid, logp.to(cd), zero)
+    old = torch.where(valid, old_logp.to(cd), zero)
+    adv = torch.where(valid, advantages.to(cd), zero)
+    return cd, valid, zero, lp, old, adv
+
+
 # --------------------------------------------------------------------------------------
 # reference
 # --------------------------------------------------------------------------------------
@@ -73,12 +84,7 @@ def policy_loss_reference(
 ):
     """Autograd over the formulas (the tests' ground truth)."""
     _check(kind, agg, logp, old_logp, advantages, mask)
-    cd = compute_dtype(logp, old_logp, advantages)
-    valid = mask != 0
-    zero = torch.zeros((), dtype=cd, device=logp.device)
-    lp = torch.where(valid, logp.to(cd), zero)
-    old = torch.where(valid, old_logp.to(cd), zero)
-    adv = torch.where(valid, advantages.to(cd), zero)
+    cd, valid, zero, lp, old, adv = _masked_inputs(logp, old_logp, advantages, mask)
     if kind == "ppo":
         log_r = lp - old
     else:
@@ -106,12 +112,7 @@ def policy_loss_reference(
 def _torch_fused(logp, old_logp, advantages, mask, kind, clip_low, clip_high, clip_c, agg):
     """-> (row_loss [B], row_n [B], row_clip [B], row_kl [B], coef [B, R]) in compute dtype.
     coef = d(row-normalised loss)/d logp before the batch-level normaliser."""
-    cd = compute_dtype(logp, old_logp, advantages)
-    valid = mask != 0
-    zero = torch.zeros((), dtype=cd, device=logp.device)
-    lp = torch.where(valid, logp.to(cd), zero)
-    old = torch.where(valid, old_logp.to(cd), zero)
-    adv = torch.where(valid, advantages.to(cd), zero)
+    cd, valid, zero, lp, old, adv = _masked_inputs(logp, old_logp, advantages, mask)
     n_i = valid.sum(1).to(cd)
     d = lp - old
     if kind == "ppo":

@@ -110,6 +110,18 @@ def _is_cw(tok: str) -> bool:
     return len(tok) >= 2 and tok[0] == "\\" and tok[1] in _ALPHA
 
 
+def _join_tokens(toks: list[str]) -> str:
+    """Concatenate the kept tokens; one space where a control word would glue to a letter."""
+    out: list[str] = []
+    cw = False
+    for t in toks:
+        if cw and t[0] in _ALPHA:
+            out.append(" ")
+        out.append(t)
+        cw = _is_cw(t)
+    return "".join(out)
+
+
 def _rewrite_commands(s: str) -> str:  # R3
     if "\\" not in s:
         return s
@@ -122,7 +134,6 @@ def _rewrite_commands(s: str) -> str:  # R3
         elif t == "}" and opened:
             matched.add(opened.pop())
     out: list[str] = []
-    cw = False
     drop: list[bool] = []
     k = 0
     while k < n:
@@ -146,27 +157,15 @@ def _rewrite_commands(s: str) -> str:  # R3
             if drop.pop():
                 k += 1
                 continue
-        if cw and t[0] in _ALPHA:
-            out.append(" ")
         out.append(t)
-        cw = _is_cw(t)
         k += 1
-    return "".join(out)
+    return _join_tokens(out)
 
 
 def _squeeze_whitespace(s: str) -> str:  # R4
     if "\\" not in s:
         return s.translate(_DEL_WS)
-    out: list[str] = []
-    cw = False
-    for t in _TOKEN.findall(s):
-        if t in _WS:
-            continue
-        if cw and t[0] in _ALPHA:
-            out.append(" ")
-        out.append(t)
-        cw = _is_cw(t)
-    return "".join(out)
+    return _join_tokens([t for t in _TOKEN.findall(s) if t not in _WS])
 
 
 def _strip_degrees(s: str) -> str:  # R5
@@ -175,7 +174,6 @@ def _strip_degrees(s: str) -> str:  # R5
     toks = _TOKEN.findall(s)
     n = len(toks)
     out: list[str] = []
-    cw = False
     k = 0
     while k < n:
         t = toks[k]
@@ -186,12 +184,9 @@ def _strip_degrees(s: str) -> str:  # R5
             if toks[k + 1] == "{" and k + 3 < n and toks[k + 2] == "\\circ" and toks[k + 3] == "}":
                 k += 4
                 continue
-        if cw and t[0] in _ALPHA:
-            out.append(" ")
         out.append(t)
-        cw = _is_cw(t)
         k += 1
-    return "".join(out)
+    return _join_tokens(out)
 
 
 def _one_pass(s: str) -> str:

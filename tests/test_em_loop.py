@@ -1,5 +1,6 @@
 """The EM loop end to end on a model of a few thousand parameters, and its config errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -90,3 +91,27 @@ def test_empty_labeled_set_is_a_config_error(tmp_path, micro_model):
 def test_empty_unlabeled_set_is_a_config_error(tmp_path, micro_model):
     with pytest.raises(ConfigError, match="D_U is empty"):
         train(micro_config(tmp_path, micro_model, "task.num_unlabeled=0", "stage1.steps=0", "stage1.critic_warmup_steps=0"))
+
+
+def first_step(tmp_path, micro_model, kernels):
+    cfg = micro_config(tmp_path / kernels, micro_model, f"model.kernels={kernels}", "train.steps=1",
+                       "eval.every=5", "run.save_checkpoints=false")
+    train(cfg)
+    return read(tmp_path / kernels / "run")
+
+
+def test_fused_ops_match_the_references_in_the_loop(tmp_path, micro_model, monkeypatch):
+    """The whole loop with the kernels' PyTorch path (and Triton, in the interpreter) gives the
+    same metrics as with the materialised float references."""
+    kinds = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    runs = {k: first_step(tmp_path, micro_model, k) for k in kinds}
+    monkeypatch.delenv("TEMPO_KERNELS", raising=False)
+    ref = runs["reference"]
+    for kind in kinds[1:]:
+        for row_ref, row in zip(ref, runs[kind], strict=True):
+            assert row_ref.keys() == row.keys()
+            for key, value in row_ref.items():
+                if isinstance(value, float):
+                    assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (kind, key)
+                else:
+                    assert row[key] == value, (kind, key)

@@ -1,0 +1,7 @@
+"""Megatron-core backend (model.backend=megatron): TP, PP and DP under torchrun.
+
+parallel.py   layout checks (before any process-group work) and parallel-state set-up
+cpu_compat.py the CUDA-only calls of megatron-core redirected to the CPU (CPU runs only)
+convert.py    Hugging Face Qwen3 <-> megatron weights and their tensor-parallel shards
+model.py      MegatronModel (policy / critic), `build_megatron_models` for tempo.build
+"""

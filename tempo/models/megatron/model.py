@@ -1,0 +1,544 @@
+"""Megatron-core backend: the policy and the critic on a GPTModel, with TP, PP and DP.
+
+Every rank runs the same EM loop on the same token batches. A `MegatronModel` holds this
+rank's pipeline stage (a `GPTModel` chunk; on the last stage also the head) and its optimiser:
+
+- forward: embeddings -> transformer layers -> final norm (megatron's modules; rotary angles
+  from the batch's position ids, so left-padded prompts see the positions HF gives them) ->
+  head on the last stage. Policy: per-token log-prob and entropy of the response from the
+  hidden states and the (vocabulary-sharded) LM head weight; with TP each rank reduces
+  statistics of its vocabulary shard (max, sum-exp, target logit) across the TP group.
+  Critic: a scalar `value_head`, replicated on the TP ranks, on every response token.
+- micro-batches run through `get_forward_backward_func()` (1F1B across pipeline stages);
+  the loop's loss function runs on the last stage. Data parallelism: DP replicas take
+  micro-batches round-robin and their gradients are summed (the loop's losses are already
+  weighted shares of the mini-batch).
+- gradients: DP all-reduce, TP all-reduce of the q/k norms (each TP rank sees its own heads),
+  first/last-stage all-reduce of a tied embedding; clipped by the global norm; AdamW.
+- outputs (`infer`) and stats are all-reduced so that every rank gets the same numbers.
+- `export_weights` gathers TP shards and PP stages into HF-named full tensors on every rank,
+  in buckets of bounded size: the HF rollout engine keeps its own copy.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import tempo_kernels
+from tempo.models.base import LossFn, TokenBatch, TrainableLM
+from tempo.models.megatron import convert
+from tempo.models.megatron.convert import Qwen3Shape
+
+with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected on CPU
+    warnings.simplefilter("ignore")
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer import TransformerConfig
+
+EXPORT_BUCKET_BYTES = 256 << 20
+OUTPUTS = {"policy": ("logp", "entropy"), "critic": ("values",)}
+
+
+def transformer_config(s: Qwen3Shape, tp: int, pp: int, dtype: torch.dtype) -> TransformerConfig:
+    """A Qwen3 block in megatron terms: GQA, q/k RMSNorm, SwiGLU, RMSNorm, no biases."""
+    return TransformerConfig(
+        num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
+        num_query_groups=s.num_kv_heads, kv_channels=s.head_dim, ffn_hidden_size=s.ffn_size,
+        normalization="RMSNorm", layernorm_epsilon=s.norm_eps, qk_layernorm=True,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False,
+        variable_seq_lengths=True,  # micro-batches differ in rows and length: p2p sends shapes
+        moe_token_dispatcher_type="alltoall",  # (no MoE; the default "allgather" rejects the line above)
+        calculate_per_token_loss=True,  # the schedule leaves the loop's (already weighted) loss as is
+    )
+
+
+def layer_spec():
+    """Transformer Engine's spec on GPUs that have it, megatron's local modules otherwise.
+
+    The TE spec takes the same [b, 1, s, s] mask (arbitrary mask type); it is untested here
+    (no GPU on the development machine)."""
+    if torch.cuda.is_available():
+        try:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+            from megatron.core.transformer.enums import AttnMaskType
+            import transformer_engine  # noqa: F401
+
+            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+            spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+            return spec
+        except ImportError:
+            pass
+    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True where attention is NOT allowed: the future and padding keys."""
+    s = mask.shape[1]
+    future = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
+    return future[None, None] | ~mask.bool()[:, None, None, :]
+
+
+def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[s, b, 1, head_dim] rotary angles at each row's own positions (HF's cos/sin layout)."""
+    freqs = position_ids.t().float()[..., None] * inv_freq.float().to(position_ids.device)
+    return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+
+
+class Stage(torch.nn.Module):
+    """This rank's pipeline stage: a GPTModel chunk, and the critic's value head on the last."""
+
+    def __init__(self, gpt: GPTModel, kind: str):
+        super().__init__()
+        self.gpt = gpt
+        self.config, self.model_type = gpt.config, gpt.model_type  # read by the schedules
+        self.value_head = None
+        if kind == "critic" and gpt.post_process:
+            gpt.output_layer = None  # the critic has no LM head
+            self.value_head = torch.nn.Linear(gpt.config.hidden_size, 1, dtype=gpt.config.params_dtype)
+
+    def set_input_tensor(self, tensor) -> None:
+        self.gpt.set_input_tensor(tensor)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        gpt = self.gpt
+        x = gpt.embedding(input_ids=input_ids, position_ids=position_ids) if gpt.pre_process else None
+        rope = rotary_angles(position_ids, gpt.rotary_pos_emb.inv_freq)
+        return gpt.decoder(hidden_states=x, attention_mask=attention_mask(mask), rotary_pos_emb=rope)
+
+
+class _VocabParallelLogprob(torch.autograd.Function):
+    """log p(label) and entropy over a vocabulary split across the TP group.
+
+    Each rank holds rows [v0, v0 + Vs) of the LM head; `tempo_kernels` computes the shard's
+    statistics (max, sum-exp, entropy sum, target logit) without [N, Vs] logits; one MAX and
+    one SUM all-reduce combine them. Backward: the shard's dW is complete, dH is summed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_start, temperature, group):
+        tk = tempo_kernels
+        st = tk.vocab_shard_stats(hidden, weight, labels, vocab_start, temperature, with_entropy=True)
+        gmax = st.max.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        st = tk.rescale_shard_stats(st, gmax)
+        sums = torch.stack([st.sumexp, st.wsum, st.target])
+        dist.all_reduce(sums, group=group)
+        logp, entropy, lse = tk.shard_stats_to_logprob(tk.ShardStats(gmax, *sums.unbind(0)), labels)
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+        ctx.vocab_start, ctx.temperature, ctx.group = vocab_start, temperature, group
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        grad_h, grad_w = tempo_kernels.vocab_shard_grad(hidden, weight, labels, ctx.vocab_start, lse, entropy,
+                                                        grad_logp, grad_entropy, ctx.temperature)
+        dist.all_reduce(grad_h, group=ctx.group)
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None
+
+
+def vocab_parallel_logprob(hidden, weight_shard, labels, vocab_start: int, vocab_size: int, temperature: float):
+    """(logp, entropy) [N] from hidden [N, d] and this TP rank's LM-head rows; the padding rows
+    of the last shard (vocabulary padded to a multiple of TP) are left out."""
+    rows = max(0, min(weight_shard.shape[0], vocab_size - vocab_start))
+    weight = weight_shard[:rows]
+    return _VocabParallelLogprob.apply(hidden, weight, labels, vocab_start, temperature,
+                                       ps.get_tensor_model_parallel_group())
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=op, group=group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+class HFCheckpoint:
+    """Tensors of a Hugging Face safetensors checkpoint (one file or an index), read lazily."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        root = Path(path)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (root / "model.safetensors").is_file():
+            with safe_open(root / "model.safetensors", "pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
+        else:
+            from tempo.errors import ConfigError
+
+            raise ConfigError(f"model.backend=megatron: no safetensors weights in {path}")
+        self.root, self.files, self._open = root, files, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(self.root / file, "pt")
+        return self._open[file].get_tensor(name)
+
+
+class MegatronModel(TrainableLM):
+    def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, lr: float, weight_decay: float,
+                 grad_clip: float, temperature: float = 1.0):
+        assert kind in ("policy", "critic")
+        self.hf_config, self.kind = hf_config, kind
+        self.shape = s = Qwen3Shape.from_hf(hf_config)
+        self.temperature, self.grad_clip = temperature, grad_clip
+        self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        self.dp = ps.get_data_parallel_world_size()
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
+        self.tied = kind == "policy" and s.tied
+        self.layers_per_stage = s.num_layers // self.pp
+        self.export_bucket_bytes = EXPORT_BUCKET_BYTES
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # building must not move the (shared) sampling RNG
+            gpt = GPTModel(config=transformer_config(s, self.tp, self.pp, dtype), transformer_layer_spec=layer_spec(),
+                           vocab_size=s.padded_vocab(self.tp), max_sequence_length=s.max_positions,
+                           pre_process=self.first, post_process=self.last, parallel_output=True,
+                           share_embeddings_and_output_weights=self.tied, position_embedding_type="rope",
+                           rotary_base=s.rope_theta)
+            self.stage = Stage(gpt, kind)
+        if torch.cuda.is_available():
+            self.stage.cuda()
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+
+    # -- names and weights ---------------------------------------------------------------
+
+    def local_params(self) -> dict[str, torch.nn.Parameter]:
+        """This stage's parameters under their global megatron names (see convert.py)."""
+        out = {}
+        for name, p in self.stage.named_parameters():
+            name = name.removeprefix("gpt.")
+            layer, suffix = convert.split_layer_name(name)
+            if layer is not None:
+                name = f"{convert.LAYER_PREFIX}{layer + self.pp_rank * self.layers_per_stage}.{suffix}"
+            out[name] = p
+        return out
+
+    @torch.no_grad()
+    def load_hf(self, ckpt: HFCheckpoint, zero_head: bool) -> None:
+        """Fill this rank's shards from an HF checkpoint; a missing (or `zero_head`) value head is zero."""
+        for name, p in self.local_params().items():
+            if name.startswith("value_head.") and (zero_head or convert.hf_names(name)[0] not in ckpt):
+                p.zero_()
+                continue
+            # A tied LM head's copy on the last pipeline stage is the word embedding.
+            source = "embedding.word_embeddings.weight" if name == "output_layer.weight" and self.tied else name
+            full = convert.to_mcore(source, [ckpt[h] for h in convert.hf_names(source)], self.shape)
+            p.copy_(convert.shard(name, full, self.tp_rank, self.tp))
+
+    def _owner(self, name: str) -> int:
+        layer, _ = convert.split_layer_name(name)
+        if layer is not None:
+            return layer // self.layers_per_stage
+        return 0 if name.startswith("embedding.") else self.pp - 1
+
+    def _export_plan(self) -> list[str]:
+        layer0 = [n.split(".", 3)[3] for n in self.local_params() if n.startswith(convert.LAYER_PREFIX)
+                  and convert.split_layer_name(n)[0] == self.pp_rank * self.layers_per_stage]
+        return convert.mcore_names(self.shape, self.kind, tuple(layer0))
+
+    def _gather_bucket(self, names: list[str], owner: int) -> dict[str, torch.Tensor]:
+        """Full megatron tensors of `names` (all on stage `owner`) on every rank."""
+        s, tp = self.shape, self.tp
+        shapes = [convert.full_shape(n, s, tp) for n in names]
+        numels = [int(torch.Size(x).numel()) for x in shapes]
+        dtype = self.params[0].dtype
+        device = self.params[0].device
+        flat = torch.empty(sum(numels), dtype=dtype, device=device)
+        if self.pp_rank == owner:
+            local = self.local_params()
+            full = {n: local[n].detach() for n in names}
+            sharded = [n for n in names if convert.split_kind(n) != "replicated"]
+            if tp > 1 and sharded:
+                send = torch.cat([local[n].detach().reshape(-1) for n in sharded])
+                recv = [torch.empty_like(send) for _ in range(tp)]
+                dist.all_gather(recv, send, group=ps.get_tensor_model_parallel_group())
+                sizes = [local[n].numel() for n in sharded]
+                per_rank = [dict(zip(sharded, r.split(sizes))) for r in recv]
+                for n in sharded:
+                    full[n] = convert.unshard(n, [pr[n].view_as(local[n]) for pr in per_rank])
+            torch.cat([full[n].reshape(-1) for n in names], out=flat)
+        if self.pp > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+        return {n: t.view(x) for n, t, x in zip(names, flat.split(numels), shapes)}
+
+    @torch.no_grad()
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors on every rank (a collective: every rank must consume it)."""
+        plan, s = self._export_plan(), self.shape
+        elem = self.params[0].element_size()
+        buckets: list[tuple[int, list[str]]] = []
+        size = 0
+        for name in plan:
+            owner, nbytes = self._owner(name), elem * int(torch.Size(convert.full_shape(name, s, self.tp)).numel())
+            if not buckets or buckets[-1][0] != owner or size + nbytes > self.export_bucket_bytes:
+                buckets.append((owner, []))
+                size = 0
+            buckets[-1][1].append(name)
+            size += nbytes
+        for owner, names in buckets:
+            full = self._gather_bucket(names, owner)
+            for name in names:
+                for hf_name, tensor in convert.to_hf(name, full[name], s):
+                    yield hf_name, tensor
+                    if self.tied and hf_name == "model.embed_tokens.weight":
+                        yield "lm_head.weight", tensor
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _head(self, hidden: torch.Tensor, mb: TokenBatch) -> dict[str, torch.Tensor]:
+        hidden = hidden.transpose(0, 1)  # [b, s, h]
+        B, R = len(mb), mb.response_len
+        if self.kind == "critic":
+            return {"values": self.stage.value_head(hidden[:, -R:]).squeeze(-1).float()}
+        h = hidden[:, -R - 1:-1].reshape(B * R, -1)
+        labels = mb.input_ids[:, -R:].reshape(-1)
+        gpt = self.stage.gpt
+        weight = gpt.shared_embedding_or_output_weight() if self.tied else gpt.output_layer.weight
+        if self.tp == 1:
+            logp, entropy = tempo_kernels.linear_logprob(h, weight[: self.shape.vocab_size], labels,
+                                                         self.temperature, with_entropy=True)
+        else:
+            logp, entropy = vocab_parallel_logprob(h, weight, labels, self.tp_rank * weight.shape[0],
+                                                   self.shape.vocab_size, self.temperature)
+        return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
+
+    def _schedule(self, micro_batches: list[TokenBatch], on_output: Callable, forward_only: bool) -> None:
+        """Run `micro_batches` through the pipeline; `on_output(outputs, mb)` -> loss on the last stage."""
+        if not micro_batches:
+            return
+        one = torch.ones((), dtype=torch.int)
+
+        def loss_func(mb, outputs):
+            return on_output(outputs, mb), one, {}
+
+        def step(data_iterator, model):
+            mb = self._on_device(next(data_iterator))
+            hidden = model(mb.input_ids, mb.position_ids(), mb.attention_mask)
+            if not self.last:
+                return hidden, None
+            return self._head(hidden, mb), partial(loss_func, mb)
+
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro_batches), model=[self.stage],
+            num_microbatches=len(micro_batches), seq_length=micro_batches[0].input_ids.shape[1],
+            micro_batch_size=max(len(mb) for mb in micro_batches), forward_only=forward_only)
+
+    def _on_device(self, mb: TokenBatch) -> TokenBatch:
+        device = self.params[0].device
+        if mb.input_ids.device == device:
+            return mb
+        return TokenBatch(mb.input_ids.to(device), mb.attention_mask.to(device), mb.response_mask.to(device),
+                          {k: v.to(device) for k, v in mb.extras.items()})
+
+    def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        """Outputs on every rank; differentiable when there is one pipeline stage."""
+        if self.pp > 1:
+            return self.infer(batch, len(batch))
+        batch = self._on_device(batch)
+        hidden = self.stage(batch.input_ids, batch.position_ids(), batch.attention_mask)
+        return self._head(hidden, batch)
+
+    @torch.no_grad()
+    def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        self.eval()
+        mbs = batch.split(micro_batch_size)
+        starts = [i * micro_batch_size for i in range(len(mbs))]
+        mine = list(range(self.dp_rank, len(mbs), self.dp))
+        got: list[dict[str, torch.Tensor]] = []
+
+        def keep(outputs, mb):
+            got.append(outputs)
+            return torch.zeros(())
+
+        self._schedule([mbs[i] for i in mine], keep, forward_only=True)
+        keys = OUTPUTS[self.kind]
+        out = torch.zeros(len(keys), len(batch), batch.response_len, device=self.params[0].device)
+        if self.last and self.tp_rank == 0:  # one writer per micro-batch; the SUM fills the rest in
+            for i, o in zip(mine, got):
+                for k, key in enumerate(keys):
+                    out[k, starts[i]:starts[i] + len(mbs[i])] = o[key].float()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(out)
+        return dict(zip(keys, out.cpu().unbind(0)))
+
+    # -- training ------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+        self.stage.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: list[dict[str, float]] = []
+
+        def loss(outputs, mb):
+            value, mb_stats = loss_fn(outputs, mb)
+            stats.append({k: float(v) for k, v in mb_stats.items()})
+            return value
+
+        self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
+        self._finish_grads()
+        grad_norm = self._clip_grads()
+        self.optimizer.step()
+        totals = self._mean_stats(stats, len(micro_batches))
+        totals["grad_norm"] = grad_norm
+        return totals
+
+    def _finish_grads(self) -> None:
+        for p in self.params:
+            if p.grad is None:  # a replica without micro-batches, or an unused parameter
+                p.grad = torch.zeros_like(p)
+        if self.dp > 1:
+            _all_reduce_coalesced([p.grad for p in self.params], ps.get_data_parallel_group())
+        if self.tp > 1:  # q/k norms act on this rank's heads only: their grads are partial sums
+            qk = [p.grad for n, p in self.stage.named_parameters() if "q_layernorm" in n or "k_layernorm" in n]
+            _all_reduce_coalesced(qk, ps.get_tensor_model_parallel_group())
+        if self.pp > 1 and self.tied and ps.is_rank_in_embedding_group():
+            weight = self.stage.gpt.shared_embedding_or_output_weight()
+            dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+    def _clip_grads(self) -> float:
+        """Clip by the global L2 norm over unique parameters (TP duplicates and the tied
+        embedding's last-stage copy counted once), as `clip_grad_norm_` does on one process."""
+        # (megatron marks TP-sharded weights only when it initialises them; we load them instead)
+        owned = [p.grad for n, p in self.local_params().items()
+                 if (self.tp_rank == 0 or convert.split_kind(n) != "replicated") and not getattr(p, "shared", False)]
+        sq = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+        for g in owned:
+            sq += g.float().pow(2).sum()
+        if self.tp * self.pp > 1:
+            dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        norm = sq.sqrt()
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return float(norm)
+
+    def _mean_stats(self, stats: list[dict[str, float]], count: int) -> dict[str, float]:
+        """Mean over all micro-batches of the loss function's stats, the same on every rank."""
+        mine: dict[str, float] = {}
+        if self.last and self.tp_rank == 0:
+            for st in stats:
+                for k, v in st.items():
+                    mine[k] = mine.get(k, 0.0) + v
+        parts = [mine]
+        if dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        totals: dict[str, float] = {}
+        for part in parts:
+            for k, v in part.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {k: v / count for k, v in sorted(totals.items())}
+
+    def eval(self) -> None:
+        self.stage.eval()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _optimizer_file(self, path: str) -> Path:
+        return Path(path) / f"optimizer_tp{self.tp_rank}_pp{self.pp_rank}.pt"
+
+    def save(self, path: str) -> None:
+        """HF layout (config.json + model.safetensors, written by rank 0) and one optimiser
+        file per (TP, PP) rank, written by data-parallel rank 0."""
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous().clone() for n, t in self.export_weights()
+                   if not (self.tied and n == "lm_head.weight")}
+        if dist.get_rank() == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            hf_config_for(self.hf_config, self.kind).save_pretrained(path)
+            save_file({n: t.cpu() for n, t in tensors.items()}, str(Path(path) / "model.safetensors"),
+                      metadata={"format": "pt"})
+        if self.dp_rank == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            torch.save(self.optimizer.state_dict(), self._optimizer_file(path))
+        dist.barrier()
+
+    def load_optimizer(self, path: str) -> None:
+        file = self._optimizer_file(path)
+        if file.is_file():
+            self.optimizer.load_state_dict(torch.load(file, weights_only=True))
+
+
+def hf_config_for(hf_config, kind: str):
+    """The HF config a saved checkpoint of this kind carries (critic: token classification, 1 label)."""
+    import copy
+
+    cfg = copy.deepcopy(hf_config)
+    if kind == "critic":
+        cfg.num_labels = 1
+        cfg.classifier_dropout = 0.0
+        arch = (cfg.architectures or ["Qwen3ForCausalLM"])[0]
+        cfg.architectures = [arch.replace("ForCausalLM", "ForTokenClassification")]
+    return cfg
+
+
+def load_model(path: str, kind: str, *, dtype: torch.dtype, init_from_policy: bool = False, **kw) -> MegatronModel:
+    """A policy or critic from an HF checkpoint; the critic's head is zero when made from the policy."""
+    from transformers import AutoConfig
+
+    model = MegatronModel(AutoConfig.from_pretrained(path), kind, dtype=dtype, **kw)
+    model.load_hf(HFCheckpoint(path), zero_head=init_from_policy)
+    return model
+
+
+def build_megatron_models(cfg, policy_path: str, critic_path: str | None, need_critic: bool):
+    """`tempo.build.build_models` for model.backend=megatron: checks, parallel state, models, engine."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tempo.build import DTYPES, Models
+    from tempo.errors import ConfigError
+    from tempo.models.hf import load_policy_module
+    from tempo.models.megatron.parallel import check_layout, init_parallel, launched_world_size
+    from tempo.rollout.hf import HFRolloutEngine
+
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine: vllm needs a GPU install (pip install .[gpu]); use hf on CPU")
+    paths = [policy_path] + ([critic_path] if need_critic and critic_path else [])
+    layout = None
+    for path in paths:
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.policy_path: no Hugging Face checkpoint at {path}")
+        s = Qwen3Shape.from_hf(AutoConfig.from_pretrained(path))
+        layout = check_layout(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, launched_world_size(),
+                              num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, num_layers=s.num_layers,
+                              ffn_size=s.ffn_size)
+    init_parallel(layout, cfg.train.seed)
+    dtype, t = DTYPES[cfg.model.dtype], cfg.train
+    policy = load_model(policy_path, "policy", dtype=dtype, lr=t.policy_lr, weight_decay=t.weight_decay,
+                        grad_clip=t.grad_clip, temperature=cfg.rollout.temperature)
+    critic = None
+    if need_critic:
+        critic = load_model(critic_path or policy_path, "critic", dtype=dtype, init_from_policy=not critic_path,
+                            lr=t.critic_lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    # The HF engine samples with its own copy of the policy, refreshed from export_weights().
+    engine = HFRolloutEngine(cfg.rollout, load_policy_module(policy_path, dtype), tokenizer)
+    return Models(policy, critic, engine, tokenizer)

@@ -1,0 +1,309 @@
+"""Megatron-core backend (tempo.models.megatron) on the tiny Qwen3, CPU and gloo.
+
+In-process: HF <-> megatron weight mapping and TP shards, layout errors (no process is
+launched). Under torchrun (tests/torchrun_megatron.py): one process at TP=1 against the HF
+backend (logits, log-probs, values, one optimiser step), then two processes at TP=2, PP=2
+and DP=2 against TP=1 (same outputs, loss, grad norm and HF-named weights after one step),
+for a tied-embedding policy (vocabulary 98) and an untied one whose vocabulary (97) TP=2
+has to pad. The optimiser step uses lr 1e-4: Adam's first step is lr·g/(|g|+eps), so entries
+whose gradient is a few eps from zero turn 1e-10 rounding differences between layouts into a
+fraction of lr (measured: 2.7e-5 at lr 1e-3, 2.7e-6 at lr 1e-4).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from tempo.base_model import build_tiny_qwen3  # noqa: E402
+from tempo.config import BaseModelConfig, load_config  # noqa: E402
+from tempo.errors import ConfigError  # noqa: E402
+from tempo.models.megatron import convert  # noqa: E402
+from tempo.models.megatron.parallel import check_layout  # noqa: E402
+
+WORKER = Path(__file__).with_name("torchrun_megatron.py")
+sys.path.insert(0, str(WORKER.parent))
+from torchrun_megatron import token_batch  # noqa: E402
+
+TOL = 1e-5
+POLICIES = ("tied", "untied")  # worker index 0 and 1
+LAYOUTS = ("2x1x1", "1x2x1", "1x1x2")  # tp x pp x dp, two processes
+
+
+# -- checkpoints and launches -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("megatron")
+    base = BaseModelConfig()
+    out = {}
+    tied = build_tiny_qwen3(base, vocab_size=98, pad_id=0, eos_id=1)
+    tied.save_pretrained(root / "tied")
+    out["tied"] = root / "tied"
+    cfg = build_tiny_qwen3(base, vocab_size=97, pad_id=0, eos_id=1).config
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(2)
+    untied = Qwen3ForCausalLM(cfg)
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    untied.save_pretrained(root / "untied")
+    out["untied"] = root / "untied"
+    cfg = tied.config
+    cfg.num_labels = 1
+    torch.manual_seed(1)
+    critic = AutoModelForTokenClassification.from_config(cfg)
+    torch.nn.init.normal_(critic.score.weight, std=0.1)
+    torch.nn.init.normal_(critic.score.bias, std=0.1)
+    critic.save_pretrained(root / "critic")
+    out["critic"] = root / "critic"
+    out["root"] = root
+    return out
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def launch(ckpts, name: str, nproc: int, *args: str) -> dict:
+    out = ckpts["root"] / f"{name}.pt"
+    torchrun(nproc, "--policy", str(ckpts["tied"]), str(ckpts["untied"]), "--critic", str(ckpts["critic"]),
+             "--out", str(out), *args)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def one_process(ckpts) -> dict:
+    """TP=1 megatron and the HF backend, same batch, same steps."""
+    return launch(ckpts, "one", 1, "--layouts", "1,1", "--reference")
+
+
+@pytest.fixture(scope="module")
+def two_processes(ckpts) -> dict:
+    """TP=2, PP=2 and DP=2 on two processes; models saved; export in many small buckets."""
+    return launch(ckpts, "two", 2, "--layouts", "2,1", "1,2", "1,1", "--save", str(ckpts["root"] / "saved"),
+                  "--bucket-bytes", "65536")
+
+
+def assert_same_run(got: dict, ref: dict, tol: float = TOL) -> None:
+    for part in ("policy_infer", "critic_infer", "policy_infer_after"):
+        for key in ref[part]:
+            diff = (got[part][key] - ref[part][key]).abs().max().item()
+            assert diff < tol, f"{part}/{key} differs by {diff}"
+    for part in ("policy_step", "critic_step"):
+        for key, value in ref[part].items():
+            assert got[part][key] == pytest.approx(value, rel=tol, abs=tol), f"{part}/{key}"
+    for part in ("policy_weights", "critic_weights"):
+        assert set(got[part]) == set(ref[part])
+        for name, value in ref[part].items():
+            diff = (got[part][name] - value).abs().max().item()
+            assert diff < tol, f"{part}/{name} differs by {diff} after one step"
+
+
+# -- weight mapping (in process) --------------------------------------------------------------
+
+def hf_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("which,kind", [("tied", "policy"), ("untied", "policy"), ("critic", "critic")])
+def test_hf_megatron_hf_round_trip_is_exact(ckpts, which, kind):
+    from transformers import AutoConfig
+
+    shape = convert.Qwen3Shape.from_hf(AutoConfig.from_pretrained(ckpts[which]))
+    hf = hf_state(ckpts[which])
+    mcore = convert.hf_to_mcore(hf, shape, kind)
+    qkv = mcore["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.shape == ((4 + 2 * 2) * 32, 128)
+    # Query group 0 = query heads 0-1, then key head 0, then value head 0.
+    assert torch.equal(qkv[:64], hf["model.layers.0.self_attn.q_proj.weight"][:64])
+    assert torch.equal(qkv[64:96], hf["model.layers.0.self_attn.k_proj.weight"][:32])
+    assert torch.equal(qkv[96:128], hf["model.layers.0.self_attn.v_proj.weight"][:32])
+    back = convert.mcore_to_hf(mcore, shape, kind)
+    if kind == "policy" and shape.tied:
+        hf = {**hf, "lm_head.weight": hf["model.embed_tokens.weight"]}
+    assert set(back) == set(hf)
+    for name, tensor in hf.items():
+        assert torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tensor_parallel_shards_round_trip(ckpts, tp):
+    from transformers import AutoConfig
+
+    shape = convert.Qwen3Shape.from_hf(AutoConfig.from_pretrained(ckpts["untied"]))
+    mcore = convert.hf_to_mcore(hf_state(ckpts["untied"]), shape, "policy")
+    for name, full in mcore.items():
+        shards = [convert.shard(name, full, r, tp) for r in range(tp)]
+        padded = convert.full_shape(name, shape, tp)
+        assert convert.unshard(name, shards)[: full.shape[0]].equal(full), name
+        assert tuple(convert.unshard(name, shards).shape) == padded, name
+    if tp == 2:  # each rank's fc1 holds its slice of gate, then its slice of up
+        fc1 = mcore["decoder.layers.0.mlp.linear_fc1.weight"]
+        rank1 = convert.shard("decoder.layers.0.mlp.linear_fc1.weight", fc1, 1, 2)
+        assert torch.equal(rank1[:192], fc1[192:384]) and torch.equal(rank1[192:], fc1[576:])
+        emb = convert.shard("embedding.word_embeddings.weight", mcore["embedding.word_embeddings.weight"], 1, 2)
+        assert emb.shape[0] == 49 and emb[-1].abs().sum() == 0  # 97 rows padded to 98
+
+
+# -- clear errors before any process-group work ------------------------------------------------
+
+@pytest.mark.parametrize("tp,pp,world,needle", [
+    (3, 1, 3, "does not divide the 4 attention heads"),
+    (4, 1, 4, "does not divide the 2 key/value heads"),
+    (2, 1, 3, "world size 3 does not factor"),
+    (1, 3, 3, "does not divide the 4 layers"),
+    (2, 2, 2, "world size 2 does not factor"),
+])
+def test_layout_errors(tp, pp, world, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        check_layout(tp, pp, world, num_heads=4, num_kv_heads=2, num_layers=4, ffn_size=384)
+    assert "\n" not in str(err.value)
+    assert check_layout(2, 2, 8, num_heads=4, num_kv_heads=2, num_layers=4, ffn_size=384).dp == 2
+
+
+def test_build_models_rejects_bad_layout_before_process_group(ckpts, monkeypatch):
+    import torch.distributed as dist
+
+    from tempo.build import build_models
+
+    monkeypatch.setenv("TEMPO_KERNELS", "auto")  # build_models sets it: restored after the test
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["model.backend=megatron", "model.pipeline_parallel=2", "model.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="world size 2 does not factor"):
+        build_models(cfg, str(ckpts["tied"]), None, need_critic=True)
+    cfg = load_config(None, ["model.backend=megatron", "model.tensor_parallel=4"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="key/value heads"):
+        build_models(cfg, str(ckpts["tied"]), None, need_critic=False)
+    assert not dist.is_initialized()
+
+
+def test_unsupported_architecture_is_a_config_error():
+    from transformers import LlamaConfig
+
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        convert.Qwen3Shape.from_hf(LlamaConfig())
+
+
+# -- one process: megatron TP=1 against the HF backend -------------------------------------------
+
+@pytest.mark.parametrize("policy", [0, 1])
+def test_tp1_logits_match_hf(one_process, policy):
+    run, hf = one_process[f"{policy}/1x1x1"], one_process[f"{policy}/hf"]
+    real = token_batch().attention_mask.bool()  # padding positions are never read
+    vocab = hf["logits"].shape[-1]
+    diff = (run["logits"][..., :vocab] - hf["logits"])[real].abs().max().item()
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("policy", [0, 1])
+def test_tp1_step_matches_hf(one_process, policy):
+    assert_same_run(one_process[f"{policy}/1x1x1"], one_process[f"{policy}/hf"])
+
+
+def test_critic_from_policy_starts_at_zero_and_build_keeps_rng(one_process):
+    run = one_process["0/1x1x1"]
+    assert run["zero_head_values"].abs().max() == 0
+    assert torch.equal(run["rng_after_build"], torch.manual_seed(0).get_state())
+
+
+# -- two processes: TP=2, PP=2, DP=2 against TP=1 ------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("policy", [0, 1])
+def test_two_process_layouts_match_tp1(one_process, two_processes, layout, policy):
+    assert_same_run(two_processes[f"{policy}/{layout}"], one_process[f"{policy}/1x1x1"])
+
+
+@pytest.mark.parametrize("layout", ["2x1", "1x2"])
+def test_saved_checkpoints_load_in_hf(ckpts, two_processes, layout):
+    from transformers import AutoModelForCausalLM
+
+    from tempo.models.hf import load_critic_module
+
+    saved = ckpts["root"] / "saved" / "1" / layout
+    run = two_processes[f"1/{layout}x1"]
+    policy = AutoModelForCausalLM.from_pretrained(saved / "policy").state_dict()
+    for name, value in run["policy_weights"].items():
+        assert torch.equal(policy[name], value), name
+    critic = load_critic_module(str(saved / "critic"), torch.float32, init_from_policy=False).state_dict()
+    for name, value in run["critic_weights"].items():
+        assert torch.equal(critic[name], value), name
+    tp, pp = map(int, layout.split("x"))
+    assert sorted(p.name for p in (saved / "policy").glob("optimizer_*.pt")) == sorted(
+        f"optimizer_tp{t}_pp{p}.pt" for t in range(tp) for p in range(pp))
+
+
+@pytest.mark.slow
+def test_tp2_pp2_four_processes_match_tp1(ckpts, one_process):
+    out = launch(ckpts, "four", 4, "--layouts", "2,2")
+    for policy in (0, 1):
+        assert_same_run(out[f"{policy}/2x2x1"], one_process[f"{policy}/1x1x1"])
+
+
+# -- the EM loop under torchrun against the HF backend ----------------------------------------------
+
+def read_records(path: Path) -> dict[tuple[int, str], list[dict]]:
+    """metrics.jsonl records by (step, phase); every rank appends its own copy today."""
+    import json
+
+    out: dict[tuple[int, str], list[dict]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault((rec["step"], rec["phase"]), []).append(rec)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["model.tensor_parallel=2", "model.pipeline_parallel=2"])
+def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
+    """Two EM steps of the embedded task: rollouts, rewards, E- and M-step metrics as with HF.
+
+    A critic checkpoint is given so that neither backend draws from the sampling RNG while it
+    builds (the HF backend's fresh value head is randomly initialised before it is zeroed), and
+    both runs use one thread per process (torchrun's default), so rollouts are identical."""
+    from tempo.models.hf import load_critic_module
+    from tempo.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    policy = build_tiny_qwen3(BaseModelConfig(), vocab_size=len(tok), pad_id=tok.pad_token_id,
+                              eos_id=tok.eos_token_id)
+    policy.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    load_critic_module(str(tmp_path / "policy"), torch.float32, init_from_policy=True).save_pretrained(
+        tmp_path / "critic")
+    common = [f"model.policy_path={tmp_path / 'policy'}", f"model.critic_path={tmp_path / 'critic'}",
+              "train.steps=2", "eval.every=2", "stage1.steps=0", "stage1.critic_warmup_steps=0",
+              "train.prompts_per_step=4", "train.labeled_per_step=2", "task.num_unlabeled=16",
+              "eval.max_prompts=8", "rollout.max_new_tokens=24", "run.tensorboard=false", "run.progress=false",
+              "run.save_checkpoints=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    runs = {"hf": [sys.executable, "-m", "tempo.cli", "train", *common, f"run.out_dir={tmp_path / 'hf'}"],
+            "megatron": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "-m", "tempo.cli", "train", "model.backend=megatron", layout, *common,
+                         f"run.out_dir={tmp_path / 'megatron'}"]}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, f"{name}:\n{proc.stderr[-6000:]}"
+    hf, mc = read_records(tmp_path / "hf" / "metrics.jsonl"), read_records(tmp_path / "megatron" / "metrics.jsonl")
+    assert set(hf) == set(mc) and (1, "train") in hf
+    for key, (ref,) in hf.items():
+        assert len(mc[key]) == 2 and mc[key][0] == mc[key][1], f"ranks disagree at {key}"
+        for metric, value in ref.items():
+            if isinstance(value, float):
+                assert mc[key][0][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{key} {metric}"
+            else:
+                assert mc[key][0][metric] == value, f"{key} {metric}"
