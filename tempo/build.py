@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_splits(cfg: Config) -> TaskSplits:
-    """D_L, D_U and the held-out labeled slice, from the embedded task or from files."""
+    """D_L, D_U, the held-out labeled slice and stage 1's data, from the embedded task or files."""
     if cfg.data.source == "embedded":
         return make_splits(cfg.task)
     d = cfg.data
@@ -35,7 +35,8 @@ def build_splits(cfg: Config) -> TaskSplits:
     if d.labeled_fraction > 0:
         drawn, unlabeled = split_labeled(unlabeled, d.labeled_fraction, d.seed)
         labeled += drawn
-    return TaskSplits(labeled=labeled, unlabeled=unlabeled, heldout=heldout)
+    return TaskSplits(labeled=labeled, unlabeled=unlabeled, heldout=heldout,
+                      stage1=load(d.stage1_files, True) or labeled)
 
 
 def select_kernels(mode: str) -> None:

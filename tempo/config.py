@@ -28,6 +28,7 @@ class TaskConfig:
     num_labeled: int = 64  # D_L: the small labeled set the E-step recalibrates on
     num_unlabeled: int = 256  # D_U: answers hidden from training, used only to score
     num_heldout: int = 64  # labeled slice never trained on: measures the critic's calibration
+    num_stage1: int = 1024  # stage 1's labeled training set (RLVR before test time), not D_L
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DataConfig:
     labeled_files: list[str] = field(default_factory=list)
     unlabeled_files: list[str] = field(default_factory=list)
     heldout_files: list[str] = field(default_factory=list)
+    stage1_files: list[str] = field(default_factory=list)  # stage 1's labeled data; empty: D_L
     labeled_fraction: float = 0.0  # with only unlabeled_files: labeled share drawn from them
     template: str = "raw"  # raw | plain | chat
     seed: int = 0

@@ -104,6 +104,8 @@ class EMTrainer:
             problems = self.labeled.take(want - kept)
             rollouts, grades = self._roll(problems, n)
             stats["gen_batches"] += 1
+            stats["labeled_right"] += sum(g.correct for g in grades)
+            stats["labeled_rolled"] += len(grades)
             keep = [i for i in range(len(problems))
                     if not a.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
             stats["dropped_groups"] += len(problems) - len(keep)
@@ -137,8 +139,12 @@ class EMTrainer:
             labeled_needed = m.labeled_in_m_step or m.recalibration != "never"
             want_labeled = cfg.train.labeled_per_step if labeled_needed else 0
             want_unlabeled = cfg.train.prompts_per_step - want_labeled
-        stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
+        stats = {"gen_batches": 0.0, "dropped_groups": 0.0, "labeled_right": 0.0, "labeled_rolled": 0.0}
         parts = self._labeled_groups(want_labeled, stats)
+        # Accuracy over every labeled rollout, before groups without signal were dropped.
+        right, rolled = stats.pop("labeled_right"), stats.pop("labeled_rolled")
+        if rolled:
+            stats["labeled_acc"] = right / rolled
         if want_unlabeled:
             parts.append(self._unlabeled_groups(want_unlabeled))
         parts = [p for p in parts if p.problems]
@@ -192,7 +198,6 @@ class EMTrainer:
         valid = mask.sum()
         stats.update({
             "reward_mean": float(reward.mean()),
-            "labeled_acc": float(torch.tensor([s.correct for s, l in zip(batch.grades, labeled) if l] or [0.0]).float().mean()),
             "response_len": float(valid / len(mask)),
             "entropy": float((scored["entropy"] * mask).sum() / valid),
             "no_answer_frac": float(sum(s.extracted is None for s in batch.grades) / len(batch.grades)),
@@ -234,9 +239,10 @@ class EMTrainer:
         def loss_fn(out, mb):
             loss, stats = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
                                                mb.response_mask, clip)
-            return loss * len(mb) / self._rows, {"value_loss": loss.item(), **stats}
+            return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
-        return {f"critic/{k}": v for k, v in self._optimise(self.critic, tokens, loss_fn).items()}
+        stats = self._optimise(self.critic, tokens, loss_fn, token_mean=True)
+        return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
         """Policy refinement: GSPO (or PPO) over shuffled mini-batches, one pass."""
@@ -246,18 +252,23 @@ class EMTrainer:
             loss, stats = algorithm.policy_loss(out["logp"], mb.extras["old_logp"], mb.extras["advantages"],
                                                 mb.response_mask, kind=a.policy_loss, clip_low=a.clip_low,
                                                 clip_high=a.clip_high, agg=a.loss_agg)
-            share = mb.response_mask.sum() / self._tokens if a.loss_agg == "token-mean" else len(mb) / self._rows
-            return loss * share, {"pg_loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
+            return loss * mb.extras["share"].sum(), {"pg_loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
-        return {f"actor/{k}": v for k, v in self._optimise(self.policy, tokens, loss_fn).items()}
+        stats = self._optimise(self.policy, tokens, loss_fn, token_mean=a.loss_agg == "token-mean")
+        return {f"actor/{k}": v for k, v in stats.items()}
 
-    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn) -> dict[str, float]:
+    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, token_mean: bool) -> dict[str, float]:
+        """One optimiser step per shuffled mini-batch. Each row carries its `share` of the
+        mini-batch loss (its tokens' share for token means, 1/rows for sequence means), so
+        micro-batch losses add up to the mini-batch loss."""
         order = torch.randperm(len(tokens), generator=self.shuffle)
         minis = order.chunk(min(self.cfg.train.mini_batches, len(tokens)))
         totals: dict[str, float] = {}
         for rows in minis:
             mini = tokens.select(rows)
-            self._rows, self._tokens = len(mini), mini.response_mask.sum().clamp(min=1)
+            mask = mini.response_mask
+            mini.extras["share"] = mask.sum(-1) / mask.sum().clamp(min=1) if token_mean \
+                else torch.full((len(mini),), 1.0 / len(mini))
             out = model.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v / len(minis)

@@ -11,7 +11,11 @@ SHOWN = ("mean@k", "pass@k", "reward_mean", "labeled_acc", "critic_auroc_heldout
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, desc: str):
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, desc: str,
+                 enabled: bool = True):
+        self.enabled = enabled  # False on ranks other than 0: they log nothing
+        if not enabled:
+            return
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.writer = None
         if tensorboard:
@@ -22,6 +26,8 @@ class RunLogger:
         self.live: dict[str, float] = {}
 
     def log(self, step: int, phase: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, "phase": phase, **clean}) + "\n")
         self.file.flush()
@@ -32,9 +38,12 @@ class RunLogger:
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in self.live.items()}, refresh=True)
 
     def advance(self) -> None:
-        self.bar.update(1)
+        if self.enabled:
+            self.bar.update(1)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.file.close()
         if self.writer is not None:

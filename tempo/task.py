@@ -78,25 +78,24 @@ class TaskSplits:
     labeled: list[Problem]  # D_L
     unlabeled: list[Problem]  # D_U (answers only for scoring)
     heldout: list[Problem]  # labeled, never trained on: critic calibration
+    stage1: list[Problem]  # labeled training data of stage 1 (RLVR before test time)
 
 
 def make_splits(cfg: TaskConfig) -> TaskSplits:
-    """D_L, D_U and the held-out slice: disjoint questions, fixed by cfg.seed."""
+    """D_L, D_U, the held-out slice and stage 1's data: disjoint questions, fixed by cfg.seed."""
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
-    labeled = _unique_chains(rng, cfg, cfg.num_labeled, taken)
-    unlabeled = _unique_chains(rng, cfg, cfg.num_unlabeled, taken)
-    heldout = _unique_chains(rng, cfg, cfg.num_heldout, taken)
-    return TaskSplits(
-        labeled=[_problem(c, i, "labeled", True) for i, c in enumerate(labeled)],
-        unlabeled=[_problem(c, i, "unlabeled", False) for i, c in enumerate(unlabeled)],
-        heldout=[_problem(c, i, "heldout", True) for i, c in enumerate(heldout)],
-    )
+    sizes = {"labeled": cfg.num_labeled, "unlabeled": cfg.num_unlabeled, "heldout": cfg.num_heldout,
+             "stage1": cfg.num_stage1}
+    return TaskSplits(**{
+        split: [_problem(c, i, split, split != "unlabeled") for i, c in enumerate(_unique_chains(rng, cfg, size, taken))]
+        for split, size in sizes.items()
+    })
 
 
 def sft_corpus(cfg: TaskConfig, count: int, seed: int) -> list[tuple[str, str]]:
     """(question, worked solution) pairs for the base model, disjoint from every split."""
     splits = make_splits(cfg)
-    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout}
+    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout + splits.stage1}
     rng = random.Random(f"sft-{seed}")
     return [(c.question, c.solution()) for c in _unique_chains(rng, cfg, count, taken)]

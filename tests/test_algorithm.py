@@ -106,3 +106,17 @@ def test_majority_and_cluster_rewards():
     assert maj.tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
     cluster = rewards.cluster_reward(grades, 4)
     torch.testing.assert_close(cluster, torch.tensor([0.5, 0.5, 0.25, 0.0, 0.5, 0.5, 0.25, 0.0]))
+
+
+def test_unparseable_groups_reward_nothing():
+    grades = [Grade(None, False)] * 4
+    assert rewards.majority_reward(grades, 4).tolist() == [0, 0, 0, 0]
+    assert rewards.cluster_reward(grades, 4).tolist() == [0, 0, 0, 0]
+    m = rewards.group_metrics(grades, k=4, pass_k=2)
+    assert m["maj@k"] == 0.0 and m["distinct_answers"] == 0.0 and m["answer_entropy"] == 0.0
+
+
+def test_empo_clusters_differently_written_equal_answers():
+    # 1/2, 0.5 and \dfrac12 are one semantic cluster of 3; 3 is alone.
+    grades = [Grade(a, False) for a in ["\\frac{1}{2}", "0.5", "3", "\\dfrac12"]]
+    torch.testing.assert_close(rewards.cluster_reward(grades, 4), torch.tensor([0.75, 0.75, 0.25, 0.75]))

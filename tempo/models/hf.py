@@ -27,7 +27,8 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
     cfg = AutoConfig.from_pretrained(path)
     cfg.num_labels = 1  # passing num_labels= to from_pretrained fails in transformers 5
     cfg.classifier_dropout = 0.0
-    module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
+    with torch.random.fork_rng():  # a new head's random init must not shift the sampling RNG
+        module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
     if init_from_policy:
         # A fresh head predicts 0 = "as likely right as wrong" until the E-step trains it.
         torch.nn.init.zeros_(module.score.weight)

@@ -51,9 +51,11 @@ class HFRolloutEngine(RolloutEngine):
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollouts(prompt_ids, prompt_mask, ids, mask, logprobs, texts, truncated)
 
+    @torch.no_grad()
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        state = dict(weights)
+        """Copy tensor by tensor (memory bounded by one export bucket); a no-op when the
+        engine generates with the policy's own module."""
         own = self.module.state_dict()
-        if all(own[k].data_ptr() == v.data_ptr() for k, v in state.items() if k in own):
-            return  # the policy's own tensors: nothing to copy
-        self.module.load_state_dict(state)
+        for name, tensor in weights:
+            if own[name].data_ptr() != tensor.data_ptr():
+                own[name].copy_(tensor)
