@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -36,16 +37,26 @@ def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("building the embedded base model in %s", out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tokenizer = char_tokenizer()
     model = build_tiny_qwen3(base, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                              eos_id=tokenizer.eos_token_id)
     train_sft(model, tokenizer, sft_corpus(task, base.sft_examples, base.seed), base)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-built model is never mistaken for a cached one
+    publish(tmp, out)
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Atomically move a finished build into the cache; a concurrent build that got there
+    first wins and this one is dropped, so readers never see a half-written directory."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp)
 
 
 def build_tiny_qwen3(base: BaseModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> Qwen3ForCausalLM:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tempo import dist
-from tempo.base_model import base_model_dir, ensure_base_model
+from tempo.base_model import base_model_dir, ensure_base_model, publish
 from tempo.build import build_models, build_splits
 from tempo.config import Config, save_config
 from tempo.em import EMTrainer
@@ -70,12 +71,12 @@ def stage1(cfg: Config, base_path: str) -> tuple[str, str | None]:
         stats = trainer.train_step(update_policy=i >= s.critic_warmup_steps)
         log.info("stage 1 step %d: labeled_acc %.3f value_loss %.4f", i + 1, stats["labeled_acc"],
                  stats.get("critic/value_loss", float("nan")))
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     models.policy.save(str(tmp / "policy"))  # collective under Megatron: every rank calls it
     models.critic.save(str(tmp / "critic"))
     if dist.is_main():
         models.tokenizer.save_pretrained(str(tmp / "policy"))
-        tmp.rename(out)
+        publish(tmp, out)
     dist.barrier()
     return str(out / "policy"), str(out / "critic")
 
