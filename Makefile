@@ -31,7 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vote.py
 
 compare: $(STAMP)
-	$(BIN)/tempo compare --config $(CONFIG) --out benchmarks/results/compare_tiny_cpu
+	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-adaptive,ttrl,empo,m-step-only \
+		--out benchmarks/results/compare_tiny_cpu run.save_checkpoints=false run.tensorboard=false
 
 clean:
 	rm -rf $(VENV) build *.egg-info tempo/*.so .cache runs
