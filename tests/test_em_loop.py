@@ -115,3 +115,11 @@ def test_fused_ops_match_the_references_in_the_loop(tmp_path, micro_model, monke
                     assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (kind, key)
                 else:
                     assert row[key] == value, (kind, key)
+
+
+def test_eval_command_scores_a_checkpoint(tmp_path, micro_model, capsys):
+    from tempo.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(micro_config(tmp_path, micro_model), micro_model)
+    assert 0.0 <= metrics["mean@k"] <= metrics["pass@k"] <= 1.0
+    assert "mean@k" in capsys.readouterr().out
