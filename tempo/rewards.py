@@ -13,7 +13,6 @@ from tempo import vote
 from tempo.grading import Grade, grade_many, is_equivalent
 from tempo.metrics import pass_at_k
 
-Scored = Grade
 
 
 def score(texts: list[str], answers: list[str | None], n: int) -> list[Grade]:
