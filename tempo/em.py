@@ -15,7 +15,6 @@ TTRL, EMPO and RLVR are this loop with other parts (tempo.methods).
 """
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 
@@ -32,9 +31,6 @@ from tempo.metrics import auroc, brier
 from tempo.models.base import TokenBatch, TrainableLM
 from tempo.rollout.base import Rollouts
 from tempo.task import TaskSplits
-
-log = logging.getLogger("tempo")
-
 
 @dataclass
 class Batch:
