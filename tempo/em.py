@@ -106,7 +106,7 @@ class EMTrainer:
                     if not a.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
             stats["dropped_groups"] += len(problems) - len(keep)
             rows = torch.tensor([i * n + j for i in keep for j in range(n)], dtype=torch.long)
-            parts.append(Batch([problems[i] for i in keep], select_rollouts(rollouts, rows),
+            parts.append(Batch([problems[i] for i in keep], rollouts.select(rows),
                                [grades[r] for r in rows.tolist()], torch.zeros(len(rows)), n))
             kept += len(keep)
         return parts
@@ -124,10 +124,10 @@ class EMTrainer:
         else:
             self_reward = torch.zeros(len(grades))
         rows = torch.tensor([i * votes + j for i in range(len(problems)) for j in range(n)], dtype=torch.long)
-        return Batch(problems, select_rollouts(rollouts, rows), [grades[r] for r in rows.tolist()],
+        return Batch(problems, rollouts.select(rows), [grades[r] for r in rows.tolist()],
                      self_reward[rows], n)
 
-    def collect(self) -> tuple[Batch, dict[str, float]]:
+    def collect(self) -> tuple[Batch | None, dict[str, float]]:
         cfg, m = self.cfg, self.method
         if m.unlabeled_reward == "none":
             want_labeled, want_unlabeled = cfg.train.prompts_per_step, 0
@@ -144,10 +144,10 @@ class EMTrainer:
         if want_unlabeled:
             parts.append(self._unlabeled_groups(want_unlabeled))
         parts = [p for p in parts if p.problems]
-        if not parts:
-            raise RuntimeError("this step has no trainable group: every labeled group was filtered out")
+        if not parts:  # every group was filtered out: nothing to learn from this step
+            return None, stats
         batch = Batch([q for p in parts for q in p.problems],
-                      concat_rollouts([p.rollouts for p in parts], self.models.tokenizer.pad_token_id),
+                      Rollouts.concat([p.rollouts for p in parts], self.models.tokenizer.pad_token_id),
                       [g for p in parts for g in p.grades], torch.cat([p.self_reward for p in parts]),
                       cfg.rollout.n)
         return batch, stats
@@ -158,6 +158,9 @@ class EMTrainer:
         self.step += 1
         cfg, m = self.cfg, self.method
         batch, stats = self.collect()
+        stats["skipped_step"] = float(batch is None)
+        if batch is None:
+            return stats
         tokens = batch.rollouts.token_batch()
         mask = tokens.response_mask
         labeled = batch.labeled_rows
@@ -294,30 +297,3 @@ class EMTrainer:
         last = rewards.last_token(values, tokens.response_mask)
         truth = torch.tensor([s.correct for s in scored], dtype=torch.float)
         return {f"critic_auroc_{name}": auroc(last, truth), f"critic_brier_{name}": brier(last, truth)}
-
-
-def select_rollouts(r: Rollouts, rows: torch.Tensor) -> Rollouts:
-    return Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.response_ids[rows], r.response_mask[rows],
-                    r.logprobs[rows], [r.texts[i] for i in rows.tolist()], r.truncated[rows])
-
-
-def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    """Stack rollouts of several generate calls, re-padding prompts (left) and responses (right)."""
-    P = max(p.prompt_ids.shape[1] for p in parts)
-    R = max(p.response_ids.shape[1] for p in parts)
-
-    def left(t, w, v):
-        return torch.nn.functional.pad(t, (w - t.shape[1], 0), value=v)
-
-    def right(t, w, v):
-        return torch.nn.functional.pad(t, (0, w - t.shape[1]), value=v)
-
-    return Rollouts(
-        torch.cat([left(p.prompt_ids, P, pad_id) for p in parts]),
-        torch.cat([left(p.prompt_mask, P, 0) for p in parts]),
-        torch.cat([right(p.response_ids, R, pad_id) for p in parts]),
-        torch.cat([right(p.response_mask, R, 0) for p in parts]),
-        torch.cat([right(p.logprobs, R, 0) for p in parts]),
-        [t for p in parts for t in p.texts],
-        torch.cat([p.truncated for p in parts]),
-    )

@@ -69,8 +69,9 @@ def stage1(cfg: Config, base_path: str) -> tuple[str, str | None]:
     trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
     for i in range(s.critic_warmup_steps + s.steps):
         stats = trainer.train_step(update_policy=i >= s.critic_warmup_steps)
-        log.info("stage 1 step %d: labeled_acc %.3f value_loss %.4f", i + 1, stats["labeled_acc"],
-                 stats.get("critic/value_loss", float("nan")))
+        log.info("stage 1 step %d: labeled_acc %.3f value_loss %.4f%s", i + 1, stats["labeled_acc"],
+                 stats.get("critic/value_loss", float("nan")),
+                 " (skipped: no group with both right and wrong answers)" if stats["skipped_step"] else "")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     models.policy.save(str(tmp / "policy"))  # collective under Megatron: every rank calls it
     models.critic.save(str(tmp / "critic"))

@@ -123,3 +123,27 @@ def test_eval_command_scores_a_checkpoint(tmp_path, micro_model, capsys):
     metrics = evaluate_checkpoint(micro_config(tmp_path, micro_model), micro_model)
     assert 0.0 <= metrics["mean@k"] <= metrics["pass@k"] <= 1.0
     assert "mean@k" in capsys.readouterr().out
+
+
+def test_rollouts_concat_repads_prompts_left_and_responses_right():
+    from tempo.rollout.base import Rollouts
+
+    def make(P, R, fill):
+        return Rollouts(torch.full((1, P), fill), torch.ones(1, P, dtype=torch.long), torch.full((1, R), fill),
+                        torch.ones(1, R), torch.zeros(1, R), [str(fill)], torch.zeros(1, dtype=torch.bool))
+
+    both = Rollouts.concat([make(2, 3, 7), make(4, 1, 8)], pad_id=0)
+    assert both.prompt_ids.tolist() == [[0, 0, 7, 7], [8, 8, 8, 8]]
+    assert both.prompt_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert both.response_ids.tolist() == [[7, 7, 7], [8, 0, 0]]
+    assert both.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert both.select(torch.tensor([1])).texts == ["8"]
+
+
+def test_group_filtering_accumulates_generation_batches(tmp_path, micro_model):
+    cfg = micro_config(tmp_path, micro_model, "algorithm.filter_groups=true", "algorithm.max_gen_batches=3",
+                       "train.steps=1", "eval.every=5", "run.save_checkpoints=false")
+    train(cfg)
+    step = [r for r in read(tmp_path / "run") if r["phase"] == "train"][0]
+    assert 1 <= step["gen_batches"] <= 3
+    assert step["dropped_groups"] >= 0 and "labeled_acc" in step

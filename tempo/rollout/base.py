@@ -23,6 +23,33 @@ class Rollouts:
     texts: list[str]  # decoded responses, special tokens removed
     truncated: torch.Tensor  # [B] bool: hit max_new_tokens without EOS
 
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
+                        self.response_mask[rows], self.logprobs[rows], [self.texts[i] for i in rows.tolist()],
+                        self.truncated[rows])
+
+    @staticmethod
+    def concat(parts: list["Rollouts"], pad_id: int) -> "Rollouts":
+        """Stack several generate calls, re-padding prompts (left) and responses (right)."""
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        R = max(p.response_ids.shape[1] for p in parts)
+
+        def left(t, width, value):
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        def right(t, width, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return Rollouts(
+            torch.cat([left(p.prompt_ids, P, pad_id) for p in parts]),
+            torch.cat([left(p.prompt_mask, P, 0) for p in parts]),
+            torch.cat([right(p.response_ids, R, pad_id) for p in parts]),
+            torch.cat([right(p.response_mask, R, 0) for p in parts]),
+            torch.cat([right(p.logprobs, R, 0) for p in parts]),
+            [t for p in parts for t in p.texts],
+            torch.cat([p.truncated for p in parts]),
+        )
+
     def token_batch(self) -> TokenBatch:
         return TokenBatch(
             input_ids=torch.cat([self.prompt_ids, self.response_ids], 1),
