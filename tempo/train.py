@@ -56,7 +56,8 @@ def stage1(cfg: Config, base_path: str) -> tuple[str, str | None]:
     shape = {k: asdict(getattr(s1, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
     shape["base"] = base_path
     shape["model"].pop("kernels")
-    shape["train"].pop("steps")
+    for key in ("steps", "labeled_per_step"):  # stage 1's batches are all labeled
+        shape["train"].pop(key)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cfg.base_model.cache_dir) / f"stage1-{key}"
     if (out / "critic" / "config.json").is_file():
