@@ -43,6 +43,10 @@ class Batch:
     n: int
 
     @property
+    def correct(self) -> torch.Tensor:
+        return torch.tensor([g.correct for g in self.grades])
+
+    @property
     def labeled_rows(self) -> torch.Tensor:
         return torch.tensor([p.is_labeled for p in self.problems]).repeat_interleave(self.n)
 
@@ -95,13 +99,13 @@ class EMTrainer:
     def _labeled_groups(self, want: int, stats: dict[str, float]) -> list[Batch]:
         """Labeled groups with a signal, rolling out more prompts until `want` survive (capped)."""
         n, a = self.cfg.rollout.n, self.cfg.algorithm
-        parts, kept = [], 0
+        parts, kept, right, rolled = [], 0, 0, 0
         while kept < want and stats["gen_batches"] < a.max_gen_batches:
             problems = self.labeled.take(want - kept)
             rollouts, grades = self._roll(problems, n)
             stats["gen_batches"] += 1
-            stats["labeled_right"] += sum(g.correct for g in grades)
-            stats["labeled_rolled"] += len(grades)
+            right += sum(g.correct for g in grades)
+            rolled += len(grades)
             keep = [i for i in range(len(problems))
                     if not a.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
             stats["dropped_groups"] += len(problems) - len(keep)
@@ -109,6 +113,8 @@ class EMTrainer:
             parts.append(Batch([problems[i] for i in keep], rollouts.select(rows),
                                [grades[r] for r in rows.tolist()], torch.zeros(len(rows)), n))
             kept += len(keep)
+        if rolled:  # accuracy over every labeled rollout, before groups without signal were dropped
+            stats["labeled_acc"] = right / rolled
         return parts
 
     def _unlabeled_groups(self, want: int) -> Batch:
@@ -135,12 +141,8 @@ class EMTrainer:
             labeled_needed = m.labeled_in_m_step or m.recalibration != "never"
             want_labeled = cfg.train.labeled_per_step if labeled_needed else 0
             want_unlabeled = cfg.train.prompts_per_step - want_labeled
-        stats = {"gen_batches": 0.0, "dropped_groups": 0.0, "labeled_right": 0.0, "labeled_rolled": 0.0}
+        stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
         parts = self._labeled_groups(want_labeled, stats)
-        # Accuracy over every labeled rollout, before groups without signal were dropped.
-        right, rolled = stats.pop("labeled_right"), stats.pop("labeled_rolled")
-        if rolled:
-            stats["labeled_acc"] = right / rolled
         if want_unlabeled:
             parts.append(self._unlabeled_groups(want_unlabeled))
         parts = [p for p in parts if p.problems]
@@ -180,8 +182,7 @@ class EMTrainer:
 
         if m.uses_critic and labeled.any():
             last = rewards.last_token(values, mask)
-            truth = torch.tensor([s.correct for s in batch.grades], dtype=torch.float)
-            batch_brier = brier(last[labeled], truth[labeled])
+            batch_brier = brier(last[labeled], batch.correct[labeled].float())
             stats["critic_brier_labeled_batch"] = batch_brier
             if self.e_step_due(batch_brier):
                 tokens.extras = {"old_values": values, "returns": reward}
@@ -213,10 +214,9 @@ class EMTrainer:
             pseudo = rewards.last_token(values, batch.rollouts.response_mask)
         else:
             pseudo = batch.self_reward
-        right = torch.tensor([g.correct for g in batch.grades])
         # em_token regresses toward R ∈ {+1, −1}; TTRL and EMPO define 0/1 scores.
         wrong = -1.0 if self.method.advantage == "em_token" else 0.0
-        verified = torch.where(right, 1.0, wrong)
+        verified = torch.where(batch.correct, 1.0, wrong)
         return torch.where(labeled, verified, pseudo), pseudo
 
     def e_step_due(self, batch_brier: float) -> bool:
