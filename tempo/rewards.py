@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 
 from tempo import vote
-from tempo.grading import Grade, grade_many, is_equivalent
+from tempo.grading import Grade, extract_answer, grade_many, is_equivalent
 from tempo.metrics import pass_at_k
 
 
 
 def score(texts: list[str], answers: list[str | None], n: int) -> list[Grade]:
-    """Grade n responses per problem; a problem without an answer grades as wrong."""
+    """Grade n responses per problem. Without a known answer a response counts as wrong, but
+    its extracted answer is kept: TTRL's vote and EMPO's clusters need it on unlabeled data."""
     truths = [a for a in answers for _ in range(n)]
     known = [i for i, t in enumerate(truths) if t is not None]
     graded = dict(zip(known, grade_many([texts[i] for i in known], [truths[i] for i in known])))
-    return [graded.get(i) or Grade(None, False) for i in range(len(texts))]
+    return [graded.get(i) or Grade(extract_answer(texts[i]), False) for i in range(len(texts))]
 
 
 def group_varies(grades: list[Grade]) -> bool:

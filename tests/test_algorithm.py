@@ -120,3 +120,11 @@ def test_empo_clusters_differently_written_equal_answers():
     # 1/2, 0.5 and \dfrac12 are one semantic cluster of 3; 3 is alone.
     grades = [Grade(a, False) for a in ["\\frac{1}{2}", "0.5", "3", "\\dfrac12"]]
     torch.testing.assert_close(rewards.cluster_reward(grades, 4), torch.tensor([0.75, 0.75, 0.25, 0.75]))
+
+
+def test_answers_without_truth_still_vote():
+    # Unlabeled data may carry no answer at all: the response is not right, but it votes.
+    grades = rewards.score(["\\boxed{4}", "\\boxed{4}", "\\boxed{5}", "none"], [None], 4)
+    assert [g.extracted for g in grades] == ["4", "4", "5", None]
+    assert not any(g.correct for g in grades)
+    assert rewards.majority_reward(grades, 4).tolist() == [1, 1, 0, 0]
