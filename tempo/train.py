@@ -22,6 +22,7 @@ from tempo.em import EMTrainer
 from tempo.logger import RunLogger
 from tempo.methods import METHODS
 from tempo.report import write_report
+from tempo.task import TaskSplits
 
 log = logging.getLogger("tempo")
 
@@ -42,7 +43,7 @@ def policy_source(cfg: Config) -> str:
     return str(ensure_base_model(cfg.task, cfg.base_model))
 
 
-def stage1(cfg: Config, base_path: str) -> tuple[str, str | None]:
+def stage1(cfg: Config, base_path: str, splits: TaskSplits) -> tuple[str, str | None]:
     """RL with verifiable rewards on stage 1's labeled data, cached: (policy, critic) for the EM loop.
 
     A critic-only warm-up (policy frozen) comes first, so the critic's values are meaningful
@@ -65,7 +66,6 @@ def stage1(cfg: Config, base_path: str) -> tuple[str, str | None]:
     log.info("stage 1: %d critic warm-up + %d RLVR steps -> %s", s.critic_warmup_steps, s.steps, out)
     seed_everything(cfg.train.seed)
     models = build_models(s1, base_path, cfg.model.critic_path or None, need_critic=True)
-    splits = build_splits(s1)
     # Stage 1 trains on its own labeled data (the pre-test-time RL set), not on D_L.
     trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
     for i in range(s.critic_warmup_steps + s.steps):
@@ -93,7 +93,7 @@ def train(cfg: Config) -> dict:
     started = time.time()
     splits = build_splits(cfg)
     base_path = policy_source(cfg)
-    policy_path, critic_path = stage1(cfg, base_path)
+    policy_path, critic_path = stage1(cfg, base_path, splits)
     seed_everything(cfg.train.seed)
     models = build_models(cfg, policy_path, critic_path, need_critic=method.uses_critic)
     trainer = EMTrainer(cfg, method, models, splits)
