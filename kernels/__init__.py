@@ -17,13 +17,14 @@ from .logprob import (
     vocab_shard_grad,
     vocab_shard_stats,
 )
-from .policy import policy_loss
+from .policy import aggregate_loss, policy_loss
 
 __all__ = [
     "linear_logprob",
     "group_advantage",
     "em_token_advantage",
     "policy_loss",
+    "aggregate_loss",
     # tensor-parallel building blocks of linear_logprob
     "ShardStats",
     "vocab_shard_stats",

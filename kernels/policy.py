@@ -51,8 +51,9 @@ def _check(kind, agg, logp, old_logp, advantages, mask):
         raise ValueError("logp, old_logp, advantages and mask must all be [B, R]")
 
 
-def _aggregate(lm, valid, agg):
-    """lm: per-token loss already zero on invalid tokens."""
+def aggregate_loss(lm, valid, agg):
+    """Reduce a per-token loss [B, R] (already zero on invalid tokens) by `agg`: token-mean,
+    seq-mean-token-sum or seq-mean-token-mean. The value loss aggregates the same way."""
     cd = lm.dtype
     n_i = valid.sum(1).to(cd)
     if agg == "token-mean":
@@ -97,7 +98,7 @@ def policy_loss_reference(
     loss_tok = torch.maximum(l1, l2)
     if clip_c is not None:
         loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, -adv * clip_c), loss_tok)
-    loss = _aggregate(torch.where(valid, loss_tok, zero), valid, agg)
+    loss = aggregate_loss(torch.where(valid, loss_tok, zero), valid, agg)
     n = valid.sum().clamp(min=1).to(cd)
     stats = {
         "clipfrac": ((l2 > l1) & valid).sum().to(cd).div(n).detach(),

@@ -16,7 +16,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def em_token_advantage(terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A_t = R_T − V(x, y_<=t), whitened over every valid token of the batch."""
+    """A_t = R_T − V(x, y_<t), whitened over every valid token of the batch."""
     return tempo_kernels.em_token_advantage(terminal_reward, values, mask)
 
 
@@ -35,8 +35,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, kind: str, clip_low: float,
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """0.5 · max((v − R)², (v_clip − R)²), token-mean over valid tokens.
+               mask: torch.Tensor, cliprange: float, agg: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """0.5 · max((v − R)², (v_clip − R)²), aggregated like the policy loss (`agg`).
 
     The clip shifts a whole sequence so that its mean prediction moves at most ±cliprange
     from the old values: the critic's per-sequence level changes slowly, its shape freely.
@@ -46,6 +46,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     v_clip = values - (shift - shift.clamp(-cliprange, cliprange))[:, None]
     target = returns[:, None]
     loss_raw, loss_clip = (values - target) ** 2, (v_clip - target) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_raw, loss_clip), mask)
+    valid = mask != 0
+    loss = 0.5 * tempo_kernels.aggregate_loss(torch.where(valid, torch.maximum(loss_raw, loss_clip), 0.0), valid, agg)
     clipfrac = masked_mean((loss_clip > loss_raw).float(), mask)
     return loss, {"vf_clipfrac": float(clipfrac)}

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from tempo.config import Config
 from tempo.data import Problem, format_prompt, load_problems, mark_labeled, split_labeled
 from tempo.errors import ConfigError
-from tempo.models.base import TrainableLM
+from tempo.models.base import TrainableLM, has_value_head
 from tempo.rollout.base import RolloutEngine
 from tempo.task import TaskSplits, make_splits
 
@@ -69,15 +69,13 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         raise ConfigError(f"model.policy_path: no Hugging Face checkpoint at {policy_path}")
     dtype = DTYPES[cfg.model.dtype]
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    t = cfg.train
-    policy = HFModel(load_policy_module(policy_path, dtype), "policy", lr=t.policy_lr,
-                     weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+    policy = HFModel(load_policy_module(policy_path, dtype), "policy", cfg.train.optim("policy"),
                      temperature=cfg.rollout.temperature)
     critic = None
     if need_critic:
-        module = load_critic_module(critic_path or policy_path, dtype, init_from_policy=not critic_path)
-        critic = HFModel(module, "critic", lr=t.critic_lr, weight_decay=t.weight_decay,
-                         grad_clip=t.grad_clip)
+        path = critic_path or policy_path
+        module = load_critic_module(path, dtype, init_from_policy=not has_value_head(path))
+        critic = HFModel(module, "critic", cfg.train.optim("critic"))
     return Models(policy, critic, build_engine(cfg, policy, tokenizer), tokenizer)
 
 

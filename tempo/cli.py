@@ -41,7 +41,7 @@ def cmd_eval(args) -> None:
 def cmd_compare(args) -> None:
     from tempo.compare import compare
 
-    compare(_load(args), args.methods.split(","), args.out)
+    compare(_load(args), args.methods.split(","), args.out, [int(s) for s in args.seeds.split(",")])
 
 
 def cmd_config(args) -> None:
@@ -77,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="run several methods from one base model and budget; table + plot",
-                       description="Runs each method with the same config, seed and budget, then writes "
-                                   "comparison.md and comparison.png to --out.")
+                       description="Runs each method with the same config and budget for every seed, then writes "
+                                   "comparison.md (final step, mean ± std over seeds) and comparison.png to --out.")
     _config_args(p)
     p.add_argument("--methods", default="tempo,ttrl,empo,m-step-only",
                    help="comma-separated methods (default: %(default)s)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="comma-separated train.seed values (default: %(default)s)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys")

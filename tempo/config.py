@@ -10,7 +10,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -57,6 +57,7 @@ class BaseModelConfig:
     ffn_size: int = 384
     sft_examples: int = 6000
     sft_steps: int = 600
+    critic_sft_steps: int = 0  # the critic's trunk: the base SFT'd this many steps more (0: the policy's)
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
@@ -98,26 +99,49 @@ class AlgorithmConfig:
     vote_samples: int = 0  # TTRL: samples that vote (0: same as rollout.n)
 
 
+@dataclass(frozen=True)
+class Optim:
+    """One model's AdamW settings and gradient clip."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+
+
 @dataclass
 class TrainConfig:
     steps: int = 30
     prompts_per_step: int = 32
     labeled_per_step: int = 8  # of prompts_per_step, drawn from D_L
-    mini_batches: int = 2
+    mini_batches: int = 2  # optimiser steps per pass over the step's batch, policy and critic
+    update_epochs: int = 1  # passes over the step's batch, policy and critic
     micro_batch_size: int = 64  # sequences per forward/backward
     policy_lr: float = 2e-4
-    critic_lr: float = 2e-4
-    weight_decay: float = 0.0
+    critic_lr: Optional[float] = None  # None: the policy's (as the authors); 0 freezes the critic
+    weight_decay: float = 0.0  # the policy's
+    critic_weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     seed: int = 0
+
+    def optim(self, kind: str) -> Optim:
+        if kind == "policy":
+            return Optim(self.policy_lr, self.weight_decay, tuple(self.betas), self.grad_clip)
+        lr = self.policy_lr if self.critic_lr is None else self.critic_lr
+        return Optim(lr, self.critic_weight_decay, tuple(self.betas), self.grad_clip)
 
 
 @dataclass
 class Stage1Config:
-    """RL with verifiable rewards on D_L before the EM loop: base policy and trained critic."""
+    """Before test time (the paper's stage 1): train the critic on labeled rollouts of the base
+    policy, then optionally RLVR steps, on stage 1's own labeled data. Cached."""
 
-    steps: int = 10
-    critic_warmup_steps: int = 10  # critic-only steps first (policy frozen)
+    critic_epochs: int = 0  # passes of value regression over one roll-out of the stage-1 pool
+    critic_prompts: int = 0  # stage-1 prompts rolled out for it (0: all)
+    critic_batch: int = 64  # rows per critic optimiser step
+    critic_lr: float = 1e-3
+    steps: int = 0  # RLVR steps after the critic's training (policy and critic)
 
 
 @dataclass
@@ -170,6 +194,9 @@ def _closest(name: str, valid: list[str]) -> str:
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Check `value` against a dataclass field type; ints are accepted for floats."""
     origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]: null or an X
+        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, inner, where)
     if origin is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, str):  # `key=a,b` on the command line
@@ -274,6 +301,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("rollout.temperature: must be positive")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("rollout.top_p: must be in (0, 1]")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError("train.betas: expected two numbers in [0, 1)")
+    if cfg.train.update_epochs < 1:
+        raise ConfigError("train.update_epochs: must be positive")
     if cfg.model.tensor_parallel < 1 or cfg.model.pipeline_parallel < 1:
         raise ConfigError("model.tensor_parallel / model.pipeline_parallel: must be at least 1")
 

@@ -66,6 +66,15 @@ class Cycler:
         return out
 
 
+def loss_shares(mask: torch.Tensor, token_mean: bool) -> torch.Tensor:
+    """Each row's share of its mini-batch loss: its tokens' share under a token mean, 1/rows
+    under a sequence mean. Micro-batch losses weighted by their rows' shares sum to the
+    mini-batch loss."""
+    if token_mean:
+        return mask.sum(-1) / mask.sum().clamp(min=1)
+    return torch.full((len(mask),), 1.0 / len(mask))
+
+
 def check_data(method: Method, labeled: list[Problem], unlabeled: list[Problem]) -> None:
     if method.unlabeled_reward != "none" and not unlabeled:
         raise ConfigError("data: D_U is empty but the method trains on unlabeled prompts")
@@ -135,12 +144,11 @@ class EMTrainer:
 
     def collect(self) -> tuple[Batch | None, dict[str, float]]:
         cfg, m = self.cfg, self.method
-        if m.unlabeled_reward == "none":
-            want_labeled, want_unlabeled = cfg.train.prompts_per_step, 0
-        else:
-            labeled_needed = m.labeled_in_m_step or m.recalibration != "never"
-            want_labeled = cfg.train.labeled_per_step if labeled_needed else 0
-            want_unlabeled = cfg.train.prompts_per_step - want_labeled
+        # RLVR draws the same labeled prompts a step as TEMPO and nothing else: the control for
+        # "does the critic's reward on D_U help?"
+        labeled_needed = m.labeled_in_m_step or m.recalibration != "never"
+        want_labeled = cfg.train.labeled_per_step if labeled_needed else 0
+        want_unlabeled = 0 if m.unlabeled_reward == "none" else cfg.train.prompts_per_step - want_labeled
         stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
         parts = self._labeled_groups(want_labeled, stats)
         if want_unlabeled:
@@ -235,16 +243,18 @@ class EMTrainer:
         """Critic recalibration: value regression on the labeled rows toward R ∈ {+1, −1}."""
         clip = self.cfg.algorithm.cliprange_value
 
+        agg = self.cfg.algorithm.loss_agg
+
         def loss_fn(out, mb):
             loss, stats = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
-                                               mb.response_mask, clip)
+                                               mb.response_mask, clip, agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
-        stats = self._optimise(self.critic, tokens, loss_fn, token_mean=True)
+        stats = self._optimise(self.critic, tokens, loss_fn, token_mean=agg == "token-mean")
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
-        """Policy refinement: GSPO (or PPO) over shuffled mini-batches, one pass."""
+        """Policy refinement: GSPO (or PPO) over shuffled mini-batches."""
         a = self.cfg.algorithm
 
         def loss_fn(out, mb):
@@ -257,21 +267,45 @@ class EMTrainer:
         return {f"actor/{k}": v for k, v in stats.items()}
 
     def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, token_mean: bool) -> dict[str, float]:
-        """One optimiser step per shuffled mini-batch. Each row carries its `share` of the
-        mini-batch loss (its tokens' share for token means, 1/rows for sequence means), so
-        micro-batch losses add up to the mini-batch loss."""
-        order = torch.randperm(len(tokens), generator=self.shuffle)
-        minis = order.chunk(min(self.cfg.train.mini_batches, len(tokens)))
+        """`train.update_epochs` passes, each one optimiser step per shuffled mini-batch. Each row
+        carries its `share` of the mini-batch loss (its tokens' share for token means, 1/rows
+        for sequence means), so micro-batch losses add up to the mini-batch loss."""
+        t = self.cfg.train
+        minis = [rows for _ in range(t.update_epochs)
+                 for rows in torch.randperm(len(tokens), generator=self.shuffle).chunk(min(t.mini_batches, len(tokens)))]
         totals: dict[str, float] = {}
         for rows in minis:
             mini = tokens.select(rows)
-            mask = mini.response_mask
-            mini.extras["share"] = mask.sum(-1) / mask.sum().clamp(min=1) if token_mean \
-                else torch.full((len(mini),), 1.0 / len(mini))
-            out = model.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)
+            mini.extras["share"] = loss_shares(mini.response_mask, token_mean)
+            out = model.train_step(mini.split(t.micro_batch_size), loss_fn)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v / len(minis)
         return totals
+
+    def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int) -> dict[str, float]:
+        """Stage 1's critic training: roll out `problems` once, then regress the critic's values
+        toward the verified outcome R ∈ {+1, −1} for `epochs` passes (no clip: no old critic to
+        stay near). Rolling out once and reusing the rows is what makes it cheap."""
+        rollouts, grades = self._roll(problems, self.cfg.rollout.n)
+        tokens = rollouts.token_batch()
+        returns = torch.tensor([1.0 if g.correct else -1.0 for g in grades])
+        tokens.extras = {"old_values": torch.zeros_like(tokens.response_mask), "returns": returns}
+        agg = self.cfg.algorithm.loss_agg
+
+        def loss_fn(out, mb):
+            loss, _ = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
+                                           mb.response_mask, float("inf"), agg)
+            return loss * mb.extras["share"].sum(), {"value_loss": loss.item()}
+
+        losses = []
+        for _ in range(epochs):
+            for rows in torch.randperm(len(tokens), generator=self.shuffle).split(batch_rows):
+                mini = tokens.select(rows)
+                mini.extras["share"] = loss_shares(mini.response_mask, agg == "token-mean")
+                losses.append(self.critic.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)["value_loss"])
+        return {"rows": float(len(tokens)), "accuracy": float(returns.gt(0).float().mean()),
+                "value_loss_first": losses[0] if losses else float("nan"),
+                "value_loss_last": losses[-1] if losses else float("nan")}
 
     # -- evaluation --------------------------------------------------------------------
 

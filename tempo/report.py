@@ -20,9 +20,23 @@ def evals(run_dir: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Base (step 0), final and best-by-mean@k evaluations."""
-    best = max(rows, key=lambda r: r.get("mean@k") or 0.0)
-    return {"base": rows[0], "final": rows[-1], "best": best}
+    """Base (step 0) and final evaluations. No "best step": choosing one by D_U's hidden
+    answers would be oracle selection."""
+    return {"base": rows[0], "final": rows[-1]}
+
+
+def regime(base: dict) -> str:
+    """Whether the miniature sits in the paper's regime before any method runs: a critic that
+    separates right from wrong answers, and majority voting that helps the base policy."""
+    lines = []
+    auroc = base.get("critic_auroc_heldout")
+    if auroc is not None:
+        lines.append(f"critic AUROC on the held-out labeled slice {auroc:.3f} "
+                     f"({'ok' if auroc >= 0.80 else 'below'} the 0.80 a useful verifier needs)")
+    gap = (base["maj@k"] - base["mean@k"]) * 100
+    lines.append(f"majority vote over the base policy's samples: maj@k − mean@k = {gap:+.1f} points "
+                 f"({'ok' if gap >= 5 else 'below'} the +5 that gives TTRL its initial rise)")
+    return "Regime check (step 0, before any update): " + "; ".join(lines) + "."
 
 
 def markdown_table(named: dict[str, dict], keys=HEADLINE) -> str:
@@ -58,8 +72,8 @@ def write_report(run_dir: Path, method: str, seconds: float) -> dict:
     summary = summarise(rows)
     table = markdown_table(summary)
     gain = (summary["final"]["mean@k"] - summary["base"]["mean@k"]) * 100
-    text = (f"# {method}: {run_dir}\n\n{table}\n\nD_U mean@k change, base to final: {gain:+.1f} points; "
-            f"wall clock {seconds / 60:.1f} min.\n")
+    text = (f"# {method}: {run_dir}\n\n{regime(summary['base'])}\n\n{table}\n\n"
+            f"D_U mean@k change, base to final: {gain:+.1f} points; wall clock {seconds / 60:.1f} min.\n")
     (run_dir / "summary.md").write_text(text)
     (run_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=1))
     plot_curves({method: rows}, run_dir / "curves.png")

@@ -50,7 +50,12 @@ class Chain:
 
 def random_chain(rng: random.Random, cfg: TaskConfig) -> Chain:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
-    ops = tuple((rng.choice(OPS), rng.randrange(cfg.modulus)) for _ in range(n_ops))
+    ops = []
+    for _ in range(n_ops):
+        op = rng.choice(OPS)
+        # No "*0": it erases the chain, so a wrong chain would still land on the right answer.
+        ops.append((op, rng.randrange(1, cfg.modulus) if op == "*" else rng.randrange(cfg.modulus)))
+    ops = tuple(ops)
     return Chain(rng.randrange(cfg.modulus), ops, cfg.modulus)
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from tempo import dist
-from tempo.base_model import base_model_dir, ensure_base_model, publish
+from tempo.base_model import base_model_dir, ensure_base_model, ensure_critic_base, publish
 from tempo.build import build_models, build_splits
 from tempo.config import Config, save_config
 from tempo.em import EMTrainer
 from tempo.logger import RunLogger
 from tempo.methods import METHODS
-from tempo.report import write_report
+from tempo.report import regime, write_report
 from tempo.task import TaskSplits
 
 log = logging.getLogger("tempo")
@@ -32,46 +32,66 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def policy_source(cfg: Config) -> str:
-    """The checkpoint the run starts from: the user's, or the embedded base model."""
+def model_sources(cfg: Config) -> tuple[str, str | None]:
+    """The checkpoints the run starts from: the user's, or the embedded base models
+    (policy, and the critic's trunk when it differs; None: the critic starts from the policy)."""
     if cfg.model.policy_path:
-        return cfg.model.policy_path
-    if not dist.is_main():  # rank 0 builds it; the others wait for the finished directory
-        path = base_model_dir(cfg.task, cfg.base_model)
-        dist.wait_for(path / "config.json")
-        return str(path)
-    return str(ensure_base_model(cfg.task, cfg.base_model))
+        return cfg.model.policy_path, cfg.model.critic_path or None
+    task, base = cfg.task, cfg.base_model
+    if not dist.is_main():  # rank 0 builds them; the others wait for the finished directories
+        paths = [base_model_dir(task, base)] + ([base_model_dir(task, base, "critic")] if base.critic_sft_steps else [])
+        for path in paths:
+            dist.wait_for(path / "config.json")
+        return str(paths[0]), str(paths[1]) if len(paths) > 1 else None
+    policy = ensure_base_model(task, base)
+    critic = ensure_critic_base(task, base, policy)
+    return str(policy), cfg.model.critic_path or (str(critic) if critic else None)
 
 
-def stage1(cfg: Config, base_path: str, splits: TaskSplits) -> tuple[str, str | None]:
-    """RL with verifiable rewards on stage 1's labeled data, cached: (policy, critic) for the EM loop.
+def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
+    """Hash of every setting that shapes stage 1's models (not the EM loop's length, the
+    method or the kernel implementation, which give equal models)."""
+    shape = {k: asdict(getattr(cfg, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
+    shape["base"], shape["critic_base"] = base_path, critic_base
+    shape["model"].pop("kernels")
+    shape["algorithm"].pop("method")
+    # Stage 1's batches are all labeled, and it is seeded by the base model's seed, so that
+    # runs with other EM-loop seeds share it.
+    for key in ("steps", "labeled_per_step", "seed"):
+        shape["train"].pop(key)
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
-    A critic-only warm-up (policy frozen) comes first, so the critic's values are meaningful
-    before they steer the policy.
+
+def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSplits) -> tuple[str, str | None]:
+    """Stage 1 on its own labeled data, cached: (policy, critic) for the EM loop.
+
+    The critic is trained first, on one roll-out of the base policy reused for several epochs,
+    so its values mean something before they steer the policy; optional RLVR steps follow.
     """
     s = cfg.stage1
-    if s.steps == 0 and s.critic_warmup_steps == 0:
-        return base_path, cfg.model.critic_path or None
-    s1 = copy.deepcopy(cfg)
-    s1.algorithm.method = "rlvr"  # every method starts from the same stage-1 models
-    shape = {k: asdict(getattr(s1, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
-    shape["base"] = base_path
-    shape["model"].pop("kernels")
-    for key in ("steps", "labeled_per_step"):  # stage 1's batches are all labeled
-        shape["train"].pop(key)
-    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cfg.base_model.cache_dir) / f"stage1-{key}"
+    if s.steps == 0 and s.critic_epochs == 0:
+        return base_path, critic_base
+    out = Path(cfg.base_model.cache_dir) / f"stage1-{stage1_key(cfg, base_path, critic_base)}"
     if (out / "critic" / "config.json").is_file():
         return str(out / "policy"), str(out / "critic")
-    log.info("stage 1: %d critic warm-up + %d RLVR steps -> %s", s.critic_warmup_steps, s.steps, out)
-    seed_everything(cfg.train.seed)
-    models = build_models(s1, base_path, cfg.model.critic_path or None, need_critic=True)
+    log.info("stage 1: critic %d epochs, then %d RLVR steps -> %s", s.critic_epochs, s.steps, out)
+    s1 = copy.deepcopy(cfg)
+    s1.algorithm.method = "rlvr"  # every method starts from the same stage-1 models
+    s1.train.labeled_per_step = s1.train.prompts_per_step
+    s1.train.critic_lr = s.critic_lr
+    s1.train.seed = cfg.base_model.seed
+    seed_everything(s1.train.seed)
+    models = build_models(s1, base_path, critic_base, need_critic=True)
     # Stage 1 trains on its own labeled data (the pre-test-time RL set), not on D_L.
     trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
-    for i in range(s.critic_warmup_steps + s.steps):
-        stats = trainer.train_step(update_policy=i >= s.critic_warmup_steps)
-        log.info("stage 1 step %d: labeled_acc %.3f value_loss %.4f%s", i + 1, stats["labeled_acc"],
-                 stats.get("critic/value_loss", float("nan")),
+    if s.critic_epochs:
+        pool = splits.stage1[: s.critic_prompts or None]
+        fit = trainer.fit_critic(pool, s.critic_epochs, s.critic_batch)
+        log.info("stage 1 critic: %d rows (accuracy %.3f), value loss %.4f -> %.4f", fit["rows"], fit["accuracy"],
+                 fit["value_loss_first"], fit["value_loss_last"])
+    for i in range(s.steps):
+        stats = trainer.train_step()
+        log.info("stage 1 RLVR step %d: labeled_acc %.3f%s", i + 1, stats["labeled_acc"],
                  " (skipped: no group with both right and wrong answers)" if stats["skipped_step"] else "")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     models.policy.save(str(tmp / "policy"))  # collective under Megatron: every rank calls it
@@ -92,15 +112,18 @@ def train(cfg: Config) -> dict:
     method = METHODS[cfg.algorithm.method]
     started = time.time()
     splits = build_splits(cfg)
-    base_path = policy_source(cfg)
-    policy_path, critic_path = stage1(cfg, base_path, splits)
+    base_path, critic_base = model_sources(cfg)
+    policy_path, critic_path = stage1(cfg, base_path, critic_base, splits)
     seed_everything(cfg.train.seed)
     models = build_models(cfg, policy_path, critic_path, need_critic=method.uses_critic)
     trainer = EMTrainer(cfg, method, models, splits)
     logger = RunLogger(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress, cfg.algorithm.method,
                        enabled=dist.is_main())
     try:
-        logger.log(0, "eval", trainer.evaluate())
+        base = trainer.evaluate()
+        logger.log(0, "eval", base)
+        if dist.is_main():
+            log.info(regime(base))
         for step in range(1, cfg.train.steps + 1):
             logger.log(step, "train", trainer.train_step())
             logger.advance()

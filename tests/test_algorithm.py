@@ -26,7 +26,7 @@ def test_value_loss_sequence_mean_clip_by_hand():
     # max((v−1)², (v_clip−1)²) = [0.64, 0.36], token-mean 0.5, times 0.5.
     v = torch.tensor([[0.5, 0.7]], requires_grad=True)
     loss, stats = algorithm.value_loss(v, torch.tensor([[0.2, 0.2]]), torch.tensor([1.0]),
-                                       torch.ones(1, 2), cliprange=0.1)
+                                       torch.ones(1, 2), cliprange=0.1, agg="token-mean")
     assert loss.item() == pytest.approx(0.25)
     assert stats["vf_clipfrac"] == pytest.approx(1.0)
     loss.backward()
@@ -37,7 +37,7 @@ def test_value_loss_sequence_mean_clip_by_hand():
 
 def test_value_loss_unclipped_is_plain_regression():
     v = torch.tensor([[0.25, 0.25]])
-    loss, stats = algorithm.value_loss(v, v.clone(), torch.tensor([-1.0]), torch.ones(1, 2), 0.1)
+    loss, stats = algorithm.value_loss(v, v.clone(), torch.tensor([-1.0]), torch.ones(1, 2), 0.1, "token-mean")
     assert loss.item() == pytest.approx(0.5 * 1.25 ** 2)
     assert stats["vf_clipfrac"] == 0.0
 

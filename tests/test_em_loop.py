@@ -32,7 +32,7 @@ def micro_config(tmp_path, policy_path, *extra):
         "task.num_labeled=8", "task.num_unlabeled=8", "task.num_heldout=4", "task.min_ops=1", "task.max_ops=2",
         "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.labeled_per_step=2",
         "train.micro_batch_size=8", "train.steps=2", "eval.every=1", "eval.k=4", "eval.pass_k=2",
-        "stage1.steps=1", "stage1.critic_warmup_steps=1", "algorithm.filter_groups=false",
+        "stage1.steps=1", "stage1.critic_epochs=1", "algorithm.filter_groups=false",
         "run.progress=false", "run.tensorboard=false", *extra,
     ])
 
@@ -75,7 +75,7 @@ def test_same_seed_same_metrics(tmp_path, micro_model):
 @pytest.mark.parametrize("method", ["ttrl", "empo", "m-step-only", "tempo-fixed-critic", "rlvr", "tempo-adaptive"])
 def test_methods_are_configs(tmp_path, micro_model, method):
     cfg = micro_config(tmp_path, micro_model, f"algorithm.method={method}", "train.steps=1",
-                       "eval.every=5", "run.save_checkpoints=false", "stage1.steps=0", "stage1.critic_warmup_steps=0")
+                       "eval.every=5", "run.save_checkpoints=false", "stage1.steps=0", "stage1.critic_epochs=0")
     train(cfg)
     step = [r for r in read(tmp_path / "run") if r["phase"] == "train"][0]
     # Only RLVR recalibrates at step 1; adaptive TEMPO takes its Brier yardstick there.
@@ -85,12 +85,12 @@ def test_methods_are_configs(tmp_path, micro_model, method):
 
 def test_empty_labeled_set_is_a_config_error(tmp_path, micro_model):
     with pytest.raises(ConfigError, match="D_L is empty"):
-        train(micro_config(tmp_path, micro_model, "task.num_labeled=0", "stage1.steps=0", "stage1.critic_warmup_steps=0"))
+        train(micro_config(tmp_path, micro_model, "task.num_labeled=0", "stage1.steps=0", "stage1.critic_epochs=0"))
 
 
 def test_empty_unlabeled_set_is_a_config_error(tmp_path, micro_model):
     with pytest.raises(ConfigError, match="D_U is empty"):
-        train(micro_config(tmp_path, micro_model, "task.num_unlabeled=0", "stage1.steps=0", "stage1.critic_warmup_steps=0"))
+        train(micro_config(tmp_path, micro_model, "task.num_unlabeled=0", "stage1.steps=0", "stage1.critic_epochs=0"))
 
 
 def first_step(tmp_path, micro_model, kernels):

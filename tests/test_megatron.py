@@ -286,7 +286,7 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
     load_critic_module(str(tmp_path / "policy"), torch.float32, init_from_policy=True).save_pretrained(
         tmp_path / "critic")
     common = [f"model.policy_path={tmp_path / 'policy'}", f"model.critic_path={tmp_path / 'critic'}",
-              "train.steps=2", "eval.every=2", "stage1.steps=0", "stage1.critic_warmup_steps=0",
+              "train.steps=2", "eval.every=2", "stage1.steps=0", "stage1.critic_epochs=0",
               "train.prompts_per_step=4", "train.labeled_per_step=2", "task.num_unlabeled=16",
               "eval.max_prompts=8", "rollout.max_new_tokens=24", "run.tensorboard=false", "run.progress=false",
               "run.save_checkpoints=false"]

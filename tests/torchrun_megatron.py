@@ -17,9 +17,10 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from tempo.config import Optim
 from tempo.models.base import TokenBatch
 
-LR = 1e-4
+OPTIM = Optim(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0)
 MICRO_BATCH = 2
 
 
@@ -70,9 +71,8 @@ def run_steps(policy, critic, batch: TokenBatch) -> dict:
 def hf_reference(policy_path: str, critic_path: str, batch: TokenBatch) -> dict:
     from tempo.models.hf import HFModel, load_critic_module, load_policy_module
 
-    pol = HFModel(load_policy_module(policy_path, torch.float32), "policy", lr=LR, weight_decay=0.0, grad_clip=1.0)
-    cri = HFModel(load_critic_module(critic_path, torch.float32, init_from_policy=False), "critic", lr=LR,
-                  weight_decay=0.0, grad_clip=1.0)
+    pol = HFModel(load_policy_module(policy_path, torch.float32), "policy", OPTIM)
+    cri = HFModel(load_critic_module(critic_path, torch.float32, init_from_policy=False), "critic", OPTIM)
     with torch.no_grad():
         logits = pol.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids()).logits
@@ -105,7 +105,7 @@ def main() -> None:
 
     batch = token_batch()
     results = {}
-    kw = dict(dtype=torch.float32, lr=LR, weight_decay=0.0, grad_clip=1.0)
+    kw = dict(dtype=torch.float32, optim=OPTIM)
     for i, policy_path in enumerate(args.policy):
         for text in args.layouts:
             tp, pp = map(int, text.split(","))

@@ -81,3 +81,13 @@ class TrainableLM(ABC):
 
     @abstractmethod
     def load_optimizer(self, path: str) -> None: ...
+
+
+def has_value_head(path: str) -> bool:
+    """True for a saved critic (a token-classification checkpoint); False for a language
+    model, on whose trunk a critic gets a new value head."""
+    import json
+    from pathlib import Path
+
+    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForTokenClassification") for a in architectures)

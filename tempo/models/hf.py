@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
 import tempo_kernels
+from tempo.config import Optim
 from tempo.models.base import LossFn, TokenBatch, TrainableLM
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -38,24 +39,24 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
 
 
 class HFModel(TrainableLM):
-    def __init__(self, module: torch.nn.Module, kind: str, *, lr: float, weight_decay: float,
-                 grad_clip: float, temperature: float = 1.0):
+    def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0):
         assert kind in ("policy", "critic")
         self.module, self.kind = module, kind
-        self.temperature, self.grad_clip = temperature, grad_clip
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay,
-                                           betas=(0.9, 0.99))
+        self.temperature, self.grad_clip = temperature, optim.grad_clip
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                           betas=optim.betas)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
         trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
         hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids()).last_hidden_state
         B, R = len(batch), batch.response_len
+        # Response token t is scored from the state before it (position p predicts token p+1):
+        # its log-prob, and its value V(x, y_<t), the critic's estimate before t is chosen.
+        h = hidden[:, -R - 1:-1]
         if self.kind == "critic":
-            # V(x, y_<=t): the value read at the position of response token t.
-            return {"values": self.module.score(hidden[:, -R:]).squeeze(-1).float()}
-        # Position p predicts token p+1, so the response is scored from one column earlier.
-        h = hidden[:, -R - 1:-1].reshape(B * R, -1)
+            return {"values": self.module.score(h).squeeze(-1).float()}
+        h = h.reshape(B * R, -1)
         labels = batch.input_ids[:, -R:].reshape(-1)
         logp, entropy = tempo_kernels.linear_logprob(h, self.module.lm_head.weight, labels,
                                                      self.temperature, with_entropy=True)

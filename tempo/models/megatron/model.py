@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tempo_kernels
-from tempo.models.base import LossFn, TokenBatch, TrainableLM
+from tempo.config import Optim
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, has_value_head
 from tempo.models.megatron import convert
 from tempo.models.megatron.convert import Qwen3Shape
 
@@ -200,12 +201,11 @@ class HFCheckpoint:
 
 
 class MegatronModel(TrainableLM):
-    def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, lr: float, weight_decay: float,
-                 grad_clip: float, temperature: float = 1.0):
+    def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, optim: Optim, temperature: float = 1.0):
         assert kind in ("policy", "critic")
         self.hf_config, self.kind = hf_config, kind
         self.shape = s = Qwen3Shape.from_hf(hf_config)
-        self.temperature, self.grad_clip = temperature, grad_clip
+        self.temperature, self.grad_clip = temperature, optim.grad_clip
         self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         self.dp = ps.get_data_parallel_world_size()
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -225,7 +225,8 @@ class MegatronModel(TrainableLM):
         if torch.cuda.is_available():
             self.stage.cuda()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                           betas=optim.betas)
 
     # -- names and weights ---------------------------------------------------------------
 
@@ -316,9 +317,10 @@ class MegatronModel(TrainableLM):
     def _head(self, hidden: torch.Tensor, mb: TokenBatch) -> dict[str, torch.Tensor]:
         hidden = hidden.transpose(0, 1)  # [b, s, h]
         B, R = len(mb), mb.response_len
+        h = hidden[:, -R - 1:-1]  # the state before each response token: its log-prob and V(x, y_<t)
         if self.kind == "critic":
-            return {"values": self.stage.value_head(hidden[:, -R:]).squeeze(-1).float()}
-        h = hidden[:, -R - 1:-1].reshape(B * R, -1)
+            return {"values": self.stage.value_head(h).squeeze(-1).float()}
+        h = h.reshape(B * R, -1)
         labels = mb.input_ids[:, -R:].reshape(-1)
         gpt = self.stage.gpt
         weight = gpt.shared_embedding_or_output_weight() if self.tied else gpt.output_layer.weight
@@ -532,12 +534,13 @@ def build_megatron_models(cfg, policy_path: str, critic_path: str | None, need_c
                               ffn_size=s.ffn_size)
     init_parallel(layout, cfg.train.seed)
     dtype, t = DTYPES[cfg.model.dtype], cfg.train
-    policy = load_model(policy_path, "policy", dtype=dtype, lr=t.policy_lr, weight_decay=t.weight_decay,
-                        grad_clip=t.grad_clip, temperature=cfg.rollout.temperature)
+    policy = load_model(policy_path, "policy", dtype=dtype, optim=t.optim("policy"),
+                        temperature=cfg.rollout.temperature)
     critic = None
     if need_critic:
-        critic = load_model(critic_path or policy_path, "critic", dtype=dtype, init_from_policy=not critic_path,
-                            lr=t.critic_lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+        path = critic_path or policy_path
+        critic = load_model(path, "critic", dtype=dtype, init_from_policy=not has_value_head(path),
+                            optim=t.optim("critic"))
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     # The HF engine samples with its own copy of the policy, refreshed from export_weights().
     engine = HFRolloutEngine(cfg.rollout, load_policy_module(policy_path, dtype), tokenizer)

@@ -1,0 +1,224 @@
+"""The EM loop's behaviour, with assertions that a wrong loop would fail: value/token
+alignment, the E-step, loss shares, GSPO's clips, TTRL's voters, drift, stage 1's cache."""
+import math
+
+import pytest
+import torch
+
+from tempo import algorithm, rewards
+from tempo.base_model import base_model_dir
+from tempo.build import build_models, build_splits
+from tempo.em import EMTrainer, loss_shares
+from tempo.grading import Grade
+from tempo.methods import METHODS
+from tempo.models.base import TokenBatch
+from tempo.models.hf import HFModel
+from tempo.config import Optim
+from tempo.train import stage1_key, train
+from test_em_loop import micro_config, micro_model, read  # noqa: F401 (fixture)
+
+
+# -- the critic reads V(x, y_<t) --------------------------------------------------------
+
+class TokenValueTrunk(torch.nn.Module):
+    """A 'transformer' whose hidden state at a position is the one-hot of that position's token,
+    so a linear value head reads a per-token table: values are computable by hand."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        class Out:
+            last_hidden_state = torch.nn.functional.one_hot(input_ids, self.vocab).float()
+        return Out()
+
+
+class TinyCritic(torch.nn.Module):
+    def __init__(self, table: list[float]):
+        super().__init__()
+        self.model = TokenValueTrunk(len(table))
+        self.score = torch.nn.Linear(len(table), 1, bias=False)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.tensor([table]))
+
+
+def test_value_of_a_response_token_is_read_before_it():
+    # Prompt [3], response [1, 2] (token 2 = EOS). Value table: token 1 -> 0.5, 2 -> -0.7, 3 -> 0.9.
+    # V(x, y_<1) is read at the prompt's last token (3): 0.9; V(x, y_<2) at token 1: 0.5.
+    # The old alignment, V(x, y_<=t), would give [0.5, -0.7].
+    critic = HFModel(TinyCritic([0.0, 0.5, -0.7, 0.9]), "critic", Optim(0.0, 0.0, (0.9, 0.999), 1.0))
+    batch = TokenBatch(torch.tensor([[3, 1, 2]]), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2))
+    values = critic.infer(batch, 8)["values"]
+    torch.testing.assert_close(values, torch.tensor([[0.9, 0.5]]))
+    # The unlabeled terminal reward is the value at the last response column: the state
+    # before the final token, after the whole answer was read.
+    assert rewards.last_token(values, batch.response_mask).item() == pytest.approx(0.5)
+    # So a right token (R = +1 after it) earns credit for its own choice: A_1 = R − V_<1 ≠ 0.
+    adv_raw = 1.0 - values
+    assert adv_raw[0, 0].item() == pytest.approx(0.1)
+
+
+# -- E-step --------------------------------------------------------------------------------
+
+def trainer_for(tmp_path, policy_path, *extra, method="tempo"):
+    cfg = micro_config(tmp_path, policy_path, "stage1.steps=0", "stage1.critic_epochs=0",
+                       f"algorithm.method={method}", *extra)
+    torch.manual_seed(0)
+    models = build_models(cfg, policy_path, None, need_critic=METHODS[method].uses_critic)
+    return EMTrainer(cfg, METHODS[method], models, build_splits(cfg))
+
+
+def labeled_batch(trainer, returns):
+    problems = trainer.splits.labeled[:2]
+    rollouts, _ = trainer._roll(problems, trainer.cfg.rollout.n)
+    tokens = rollouts.token_batch()
+    old = trainer.critic.infer(tokens, 8)["values"]
+    tokens.extras = {"old_values": old, "returns": returns(len(tokens))}
+    return tokens
+
+
+def value_loss_of(trainer, tokens):
+    v = trainer.critic.infer(tokens, 8)["values"]
+    return algorithm.value_loss(v, tokens.extras["old_values"], tokens.extras["returns"], tokens.response_mask,
+                                math.inf, "seq-mean-token-mean")[0].item()
+
+
+def test_e_step_lowers_the_value_loss_on_labeled_rows(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "train.critic_lr=0.01", "train.mini_batches=2", "train.update_epochs=2")
+    tokens = labeled_batch(trainer, lambda b: torch.where(torch.arange(b) % 2 == 0, 1.0, -1.0))
+    before = value_loss_of(trainer, tokens)
+    stats = trainer.e_step(tokens)
+    assert value_loss_of(trainer, tokens) < before
+    assert stats["critic/grad_norm"] > 0
+
+
+def test_unlabeled_only_batch_never_touches_the_critic(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "train.critic_lr=0.01", "train.labeled_per_step=0")
+    with torch.no_grad():  # a head that says something, so that the policy has a reward to follow
+        trainer.critic.module.score.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    critic_before = {k: v.clone() for k, v in trainer.critic.module.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in trainer.policy.module.state_dict().items()}
+    stats = trainer.train_step()
+    assert "critic/value_loss" not in stats and stats["recalibrations"] == 0
+    for k, v in trainer.critic.module.state_dict().items():
+        assert torch.equal(v, critic_before[k]), k
+    assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.policy.module.state_dict().items())
+
+
+# -- loss shares ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batch_losses_weighted_by_shares_add_up_to_the_mini_batch_loss(agg):
+    g = torch.Generator().manual_seed(0)
+    B, R = 7, 5
+    mask = (torch.rand(B, R, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    values, old = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+    returns = torch.where(torch.rand(B, generator=g) > 0.5, 1.0, -1.0)
+    whole = algorithm.value_loss(values, old, returns, mask, 0.1, agg)[0]
+    shares = loss_shares(mask, agg == "token-mean")
+    parts = sum(algorithm.value_loss(values[s], old[s], returns[s], mask[s], 0.1, agg)[0] * shares[s].sum()
+                for s in (slice(0, 3), slice(3, 5), slice(5, 7)))
+    if agg == "seq-mean-token-sum":  # a sum per sequence is a sequence mean too: shares 1/rows
+        assert torch.allclose(parts, whole)
+    else:
+        torch.testing.assert_close(parts, whole)
+
+
+# -- GSPO's clips ---------------------------------------------------------------------------
+
+def gspo(logp, old, adv, low=0.2, high=0.2):
+    logp = torch.tensor([logp], requires_grad=True)
+    loss, stats = algorithm.policy_loss(logp, torch.tensor([old]), torch.full((1, len(old)), adv),
+                                        torch.ones(1, len(old)), kind="gspo", clip_low=low, clip_high=high,
+                                        agg="seq-mean-token-mean")
+    loss.backward()
+    return loss.item(), float(stats["clipfrac"]), logp.grad
+
+
+def test_gspo_lower_clip_binds_for_a_negative_advantage():
+    # s = exp(−0.5) = 0.607 < 1 − 0.2: for A = −1 the clipped branch −A·0.8 = 0.8 is the max.
+    loss, clipfrac, grad = gspo([-1.5, -2.5], [-1.0, -2.0], -1.0)
+    assert loss == pytest.approx(0.8, rel=1e-5) and clipfrac == 1.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_gspo_upper_clip_binds_for_a_positive_advantage():
+    # s = exp(0.5) = 1.65 > 1.2: for A = +1 the clipped −1.2 is the max; no gradient.
+    loss, clipfrac, grad = gspo([-0.5, -1.5], [-1.0, -2.0], 1.0)
+    assert loss == pytest.approx(-1.2, rel=1e-5) and clipfrac == 1.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_gspo_log_ratio_cap_keeps_a_runaway_ratio_finite():
+    # mean log-ratio 50 → s = e^50 without the cap; capped at e^10 the loss stays finite.
+    loss, _, grad = gspo([49.0, 51.0], [0.0, 0.0], -1.0, low=0.2, high=1e9)
+    assert loss == pytest.approx(math.exp(10.0), rel=1e-5)
+    assert torch.isfinite(grad).all()
+
+
+# -- TTRL's voters, drift ---------------------------------------------------------------------
+
+def test_ttrl_votes_with_more_samples_than_it_trains_on(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "algorithm.vote_samples=8", "rollout.n=4", method="ttrl")
+    calls = []
+    real = trainer.models.engine.generate
+    trainer.models.engine.generate = lambda texts, n, **kw: calls.append(n) or real(texts, n, **kw)
+    batch = trainer._unlabeled_groups(2)
+    assert calls == [8]
+    assert len(batch.grades) == 2 * 4 and len(batch.self_reward) == 8
+    # The reward of a trained row is its agreement with the majority of all 8 voters.
+    assert set(batch.self_reward.tolist()) <= {0.0, 1.0}
+
+
+def test_drift_stats_by_hand():
+    grades = [Grade("1", True), Grade("2", False), Grade("1", True), Grade("3", False)]
+    pseudo = torch.tensor([0.6, 0.4, -0.2, -0.9])
+    unlabeled = torch.tensor([True, True, True, True])
+    out = rewards.drift_stats(pseudo, 0.0, grades, unlabeled, n=2)
+    # Verdicts (pseudo > 0): [1, 1, 0, 0] against truth [1, 0, 1, 0]: 2 of 4 agree.
+    assert out["drift/pseudo_acc"] == pytest.approx(0.5)
+    truth = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    expected = torch.corrcoef(torch.stack([pseudo, truth]))[0, 1].item()
+    assert out["drift/pseudo_corr"] == pytest.approx(expected)
+    assert out["drift/true_acc_unlabeled"] == pytest.approx(0.5)
+    # Group 1: {1, 2} tie → earliest "1" (right); group 2: {1, 3} → "1" (right).
+    assert out["drift/majority_correct"] == pytest.approx(1.0)
+
+
+# -- stage 1's cache --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
+                                      "stage1.critic_epochs=9", "train.critic_lr=0.7",
+                                      "base_model.hidden_size=32", "base_model.critic_sft_steps=7",
+                                      "model.critic_path=/elsewhere"])
+def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
+    from tempo.config import load_config
+
+    def key(cfg):  # the critic's trunk path carries its shape and training (base_model.*)
+        critic = cfg.model.critic_path or str(base_model_dir(cfg.task, cfg.base_model, "critic"))
+        return stage1_key(cfg, "base", critic)
+
+    assert key(load_config("configs/tiny_cpu.yaml")) != key(load_config("configs/tiny_cpu.yaml", [override]))
+
+
+def test_stage1_key_ignores_kernels_method_seed_and_length():
+    from tempo.config import load_config
+
+    base = load_config("configs/tiny_cpu.yaml")
+    for override in ("model.kernels=reference", "algorithm.method=ttrl", "train.seed=3", "train.steps=7"):
+        assert stage1_key(base, "b", None) == stage1_key(load_config("configs/tiny_cpu.yaml", [override]), "b", None)
+    assert stage1_key(base, "b", None) != stage1_key(base, "b", "other-critic")
+
+
+def test_a_second_run_reuses_stage1(tmp_path, micro_model, caplog):
+    cfg = micro_config(tmp_path, micro_model, "stage1.critic_epochs=1", "stage1.steps=0", "train.steps=1",
+                       "run.save_checkpoints=false")
+    with caplog.at_level("INFO", logger="tempo"):
+        train(cfg)
+        assert "stage 1: critic" in caplog.text
+        caplog.clear()
+        cfg.run.out_dir = str(tmp_path / "run2")
+        train(cfg)
+        assert "stage 1: critic" not in caplog.text
