@@ -31,8 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vote.py
 
 compare: $(STAMP)
-	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-adaptive,ttrl,empo,m-step-only \
-		--out benchmarks/results/compare_tiny_cpu run.save_checkpoints=false run.tensorboard=false
+	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,rlvr,ttrl,empo --seeds 0,1,2 \
+		--out benchmarks/results/compare_tiny_cpu run.save_checkpoints=false run.tensorboard=false run.progress=false
 
 clean:
 	rm -rf $(VENV) build *.egg-info tempo/*.so .cache runs

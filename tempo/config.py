@@ -57,7 +57,11 @@ class BaseModelConfig:
     ffn_size: int = 384
     sft_examples: int = 6000
     sft_steps: int = 600
-    critic_sft_steps: int = 0  # the critic's trunk: the base SFT'd this many steps more (0: the policy's)
+    # The critic before stage 1 (0: the policy's trunk with a new value head): the base model
+    # trained critic_lm_steps more on solutions, then critic_sft_steps as a step checker.
+    critic_lm_steps: int = 0
+    critic_extra_layers: int = 0  # decoder layers the critic has above the policy's (see deepen)
+    critic_sft_steps: int = 0
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
@@ -215,6 +219,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
