@@ -18,7 +18,7 @@ measured inside the subprocess around forward + backward only (pytest-benchmark'
 figure for each test is the subprocess wall time, start-up and input allocation included).
 
 Run (heavy: ~3-5 min on 2 cores; writes benchmarks/results/kernels_cpu.md):
-    cd /work/main && .venv/bin/pip install --no-deps liger-kernel==0.8.5   # for variant B
+    .venv/bin/pip install --no-deps liger-kernel==0.8.5   # for variant B
     .venv/bin/pytest benchmarks/bench_kernels.py -q -s
     BENCH_KERNELS_CONFIGS=small .venv/bin/pytest benchmarks/bench_kernels.py -q -s   # quick
 or  .venv/bin/python benchmarks/bench_kernels.py [main|small|all]

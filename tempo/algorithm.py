@@ -1,4 +1,4 @@
-"""The losses and advantages of the EM loop (DESIGN.md §1), on [B, R] response tensors.
+"""The losses and advantages of the EM loop (TEMPO, arXiv 2604.19295), on [B, R] response tensors.
 
 Advantages and the policy loss run through the kernel dispatch (`tempo_kernels`: Triton on
 CUDA tensors, a PyTorch path on CPU, chosen by `model.kernels`); the value loss is small

@@ -6,7 +6,6 @@ shape it, and saved in Hugging Face format so that the trainer loads it through 
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -20,21 +19,16 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tempo.config import BaseModelConfig, TaskConfig
-from tempo.task import sft_corpus, verification_corpus
+from tempo.task import sft_corpus
 from tempo.tokenizer import char_tokenizer
 
 log = logging.getLogger("tempo")
 
 
-def base_model_dir(task: TaskConfig, base: BaseModelConfig, role: str = "policy") -> Path:
+def base_model_dir(task: TaskConfig, base: BaseModelConfig) -> Path:
     shape = {k: v for k, v in asdict(base).items() if k != "cache_dir"}
-    if role == "policy":
-        shape.pop("critic_sft_steps")
-        shape.pop("critic_lm_steps")
-        shape.pop("critic_extra_layers")
     key = json.dumps({"task": asdict(task), "base": shape}, sort_keys=True)
-    prefix = "base" if role == "policy" else "critic-base"
-    return Path(base.cache_dir) / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return Path(base.cache_dir) / f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
@@ -50,57 +44,6 @@ def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     train_sft(model, examples, base, base.sft_steps, tokenizer.pad_token_id)
     save(model, tokenizer, out)
     return out
-
-
-def ensure_critic_base(task: TaskConfig, base: BaseModelConfig, policy_dir: Path) -> Path | None:
-    """The critic before stage 1: the base policy's trunk with a value head, trained
-    `critic_sft_steps` steps to check worked solutions step by step (a process reward model):
-    every prefix up to a solution's first slip is labeled right, every later one wrong. So the
-    critic has learned more than the policy it judges: the gap between writing and checking an
-    answer that real reasoning models have, and that a tiny critic trained only on outcomes
-    never finds. None: the critic starts from the policy."""
-    if base.critic_sft_steps == 0:
-        return None
-    out = base_model_dir(task, base, role="critic")
-    if (out / "config.json").is_file():
-        return out
-    log.info("building the embedded critic (step checker) in %s", out)
-    from tempo.models.hf import load_critic_module
-
-    tokenizer = char_tokenizer()
-    tmp = out.with_name(f"{out.name}.lm-{os.getpid()}")
-    lm = Qwen3ForCausalLM.from_pretrained(policy_dir)  # first learn the task better than the policy
-    examples = solution_examples(tokenizer, sft_corpus(task, base.sft_examples, base.seed + 1))
-    train_sft(lm, examples, base, base.critic_lm_steps, tokenizer.pad_token_id)
-    deepen(lm, base.critic_extra_layers).save_pretrained(tmp)
-    module = load_critic_module(str(tmp), torch.float32, init_from_policy=True)  # then learn to check
-    shutil.rmtree(tmp)
-    examples = checker_examples(tokenizer, verification_corpus(task, base.sft_examples, base.seed))
-    train_checker(module, examples, base, base.critic_sft_steps, tokenizer.pad_token_id)
-    save(module, tokenizer, out)
-    return out
-
-
-def deepen(lm: Qwen3ForCausalLM, extra: int) -> Qwen3ForCausalLM:
-    """`lm` with `extra` more decoder layers on top, each starting as the identity (its output
-    projections zero). A checker needs them: whether a written step is right is known only
-    after the position before it has predicted it, i.e. at the top of the stack, so comparing
-    the prediction with the token written next needs layers above that."""
-    if extra == 0:
-        return lm
-    cfg = copy.deepcopy(lm.config)
-    cfg.num_hidden_layers += extra
-    cfg.layer_types = list(cfg.layer_types) + [cfg.layer_types[-1]] * extra
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        deeper = Qwen3ForCausalLM(cfg)
-    missing, unexpected = deeper.load_state_dict(lm.state_dict(), strict=False)
-    assert not unexpected and all(".layers." in k for k in missing), (missing, unexpected)
-    with torch.no_grad():
-        for layer in deeper.model.layers[-extra:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    return deeper
 
 
 def save(model, tokenizer, out: Path) -> None:
@@ -145,22 +88,6 @@ def solution_examples(tokenizer, corpus: list[tuple[str, str]]) -> list[Example]
     return out
 
 
-def checker_examples(tokenizer, corpus: list[tuple[str, str, int | None]]) -> list[Example]:
-    """Question + solution, and per position the target of the value read there: +1 while the
-    prefix is free of slips, −1 from the first wrong token on (-100 on the question, which
-    is not judged, except its last token: the state before the first response token)."""
-    out = []
-    for q, s, wrong_at in corpus:
-        q_ids = tokenizer(q)["input_ids"]
-        enc = tokenizer(s, return_offsets_mapping=True)
-        s_ids = enc["input_ids"]
-        bad = len(s_ids) if wrong_at is None else next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > wrong_at)
-        # The value at a position judges the prefix that ends there.
-        targets = [1] * bad + [-1] * (len(s_ids) - bad)
-        out.append((q_ids + s_ids, [-100] * (len(q_ids) - 1) + [1] + targets))
-    return out
-
-
 def _batches(examples: list[Example], base: BaseModelConfig, steps: int, pad_id: int):
     """(step, lr, ids, labels) for `steps` random batches, cosine learning rate, fixed seed."""
     gen = torch.Generator().manual_seed(base.seed)
@@ -184,19 +111,6 @@ def _optimise(model, opt, lr: float, loss: torch.Tensor) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-
-
-def train_checker(module, examples: list[Example], base: BaseModelConfig, steps: int, pad_id: int) -> None:
-    """Value regression (0.5·(v − target)²) on every judged position."""
-    opt = torch.optim.AdamW(module.parameters(), lr=base.sft_lr, weight_decay=0.0)
-    module.train()
-    for step, lr, ids, labels in _batches(examples, base, steps, pad_id):
-        values = module(input_ids=ids, attention_mask=(ids != pad_id).long()).logits.squeeze(-1)
-        judged = labels != -100
-        loss = 0.5 * ((values - labels.float())[judged] ** 2).mean()
-        _optimise(module, opt, lr, loss)
-        if step % 100 == 0 or step == steps - 1:
-            log.info("critic step-checker step %d/%d loss %.4f", step + 1, steps, loss.item())
 
 
 def train_sft(model, examples: list[Example], base: BaseModelConfig, steps: int, pad_id: int) -> None:

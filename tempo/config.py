@@ -57,11 +57,6 @@ class BaseModelConfig:
     ffn_size: int = 384
     sft_examples: int = 6000
     sft_steps: int = 600
-    # The critic before stage 1 (0: the policy's trunk with a new value head): the base model
-    # trained critic_lm_steps more on solutions, then critic_sft_steps as a step checker.
-    critic_lm_steps: int = 0
-    critic_extra_layers: int = 0  # decoder layers the critic has above the policy's (see deepen)
-    critic_sft_steps: int = 0
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
@@ -97,7 +92,7 @@ class AlgorithmConfig:
     loss_agg: str = "seq-mean-token-mean"
     cliprange_value: float = 0.1
     recalibrate_every: int = 1  # E-step period in steps (tempo); 0 never
-    adaptive_brier: float = 0.05  # adaptive recalibration: E-step when held-out Brier rises this much
+    adaptive_brier: float = 0.05  # adaptive: E-step when the labeled batch's Brier rises this much
     filter_groups: bool = True  # drop labeled groups whose rewards all agree
     max_gen_batches: int = 4
     vote_samples: int = 0  # TTRL: samples that vote (0: same as rollout.n)

@@ -1,4 +1,4 @@
-"""The TEMPO EM loop (DESIGN.md §1): alternate critic recalibration and policy refinement.
+"""The TEMPO EM loop (TEMPO, arXiv 2604.19295): alternate critic recalibration and policy refinement.
 
 One step:
   1. sample prompts: labeled ones from D_L, unlabeled ones from D_U (the method decides);

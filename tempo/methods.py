@@ -25,7 +25,7 @@ METHODS: dict[str, Method] = {
     "tempo": Method("critic", True, "every", "em_token",
                     "TEMPO: E-step recalibrates the critic on D_L, M-step uses its value on D_U"),
     "tempo-adaptive": Method("critic", True, "adaptive", "em_token",
-                             "TEMPO, E-step only when the critic's held-out calibration degrades"),
+                             "TEMPO, E-step only when the critic's Brier on the step's labeled rollouts rises"),
     "tempo-fixed-critic": Method("critic", True, "never", "em_token",
                                  "TEMPO with the stage-1 critic frozen (the authors' lr-0 config)"),
     "m-step-only": Method("critic", False, "never", "em_token",
@@ -35,5 +35,5 @@ METHODS: dict[str, Method] = {
     "empo": Method("cluster", False, "never", "grpo",
                    "EMPO: reward = frequency of the response's semantic answer cluster"),
     "rlvr": Method("none", True, "every", "em_token",
-                   "RL with verifiable rewards on D_L only (stage 1)"),
+                   "RL with verifiable rewards on TEMPO's labeled prompts only: the control for the critic's reward on D_U"),
 }

@@ -50,25 +50,6 @@ class Chain:
         lines = "".join(f"{a}{op}{b}={c};" for a, op, b, c in self.steps())
         return f"{lines}\\boxed{{{self.answer}}}"
 
-    def flawed_solution(self, rng: random.Random) -> tuple[str, int]:
-        """A worked solution with one slip, continued faithfully from it, as a weak solver
-        writes one: a wrong result at one step, or (less often) a wrongly copied operand.
-        Returns the text and the index of its first wrong character."""
-        m, slip = self.modulus, rng.randrange(len(self.ops))
-        value, text, first_wrong = self.start, "", -1
-        for i, (op, v) in enumerate(self.ops):
-            line = f"{value}{op}"
-            if i == slip and rng.random() < 0.3 and self.apply(value, op, (v + 1) % m) != self.apply(value, op, v):
-                v = (v + 1 + rng.randrange(m - 1)) % m  # miscopied operand
-                first_wrong = len(text) + len(line)
-            new = self.apply(value, op, v)
-            if i == slip and first_wrong < 0:  # wrong result
-                new = (new + rng.randrange(1, m)) % m
-                first_wrong = len(text) + len(f"{line}{v}=")
-            text += f"{line}{v}={new};"
-            value = new
-        return f"{text}\\boxed{{{value}}}", first_wrong
-
 
 def random_chain(rng: random.Random, cfg: TaskConfig) -> Chain:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
@@ -130,16 +111,3 @@ def _fresh_chains(cfg: TaskConfig, count: int, seed: str) -> list[Chain]:
 def sft_corpus(cfg: TaskConfig, count: int, seed: int) -> list[tuple[str, str]]:
     """(question, worked solution) pairs for the base model, disjoint from every split."""
     return [(c.question, c.solution()) for c in _fresh_chains(cfg, count, f"sft-{seed}")]
-
-
-def verification_corpus(cfg: TaskConfig, count: int, seed: int) -> list[tuple[str, str, int | None]]:
-    """(question, solution, index of its first wrong character or None) for the critic's trunk:
-    half right, half with one slip, on questions disjoint from every split. The labels come
-    from the generator, never from a split. A slip whose chain still lands on the right
-    answer (possible when the modulus is not prime) counts as right: correctness is the answer's."""
-    rng = random.Random(f"verify-{seed}")
-    out = []
-    for c in _fresh_chains(cfg, count, f"verify-{seed}"):
-        text, wrong_at = c.flawed_solution(rng) if rng.random() < 0.5 else (c.solution(), None)
-        out.append((c.question, text, None if text.endswith(f"{{{c.answer}}}") else wrong_at))
-    return out

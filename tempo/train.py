@@ -1,4 +1,4 @@
-"""A whole run: base model, stage 1 (RLVR on D_L), the EM loop, evaluation, checkpoints, report."""
+"""A whole run: base model, stage 1 (on its own labeled data, cached), the EM loop, evaluation, checkpoints, report."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tempo import dist
-from tempo.base_model import base_model_dir, ensure_base_model, ensure_critic_base, publish
+from tempo.base_model import base_model_dir, ensure_base_model, publish
 from tempo.build import build_models, build_splits
 from tempo.config import Config, save_config
 from tempo.em import EMTrainer
@@ -33,19 +33,16 @@ def seed_everything(seed: int) -> None:
 
 
 def model_sources(cfg: Config) -> tuple[str, str | None]:
-    """The checkpoints the run starts from: the user's, or the embedded base models
-    (policy, and the critic's trunk when it differs; None: the critic starts from the policy)."""
+    """The checkpoints the run starts from: the user's policy (and critic, if given), or the
+    embedded base model; a critic of None starts from the policy with a new value head."""
+    critic = cfg.model.critic_path or None
     if cfg.model.policy_path:
-        return cfg.model.policy_path, cfg.model.critic_path or None
-    task, base = cfg.task, cfg.base_model
-    if not dist.is_main():  # rank 0 builds them; the others wait for the finished directories
-        paths = [base_model_dir(task, base)] + ([base_model_dir(task, base, "critic")] if base.critic_sft_steps else [])
-        for path in paths:
-            dist.wait_for(path / "config.json")
-        return str(paths[0]), str(paths[1]) if len(paths) > 1 else None
-    policy = ensure_base_model(task, base)
-    critic = ensure_critic_base(task, base, policy)
-    return str(policy), cfg.model.critic_path or (str(critic) if critic else None)
+        return cfg.model.policy_path, critic
+    if not dist.is_main():  # rank 0 builds it; the others wait for the finished directory
+        path = base_model_dir(cfg.task, cfg.base_model)
+        dist.wait_for(path / "config.json")
+        return str(path), critic
+    return str(ensure_base_model(cfg.task, cfg.base_model)), critic
 
 
 def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:

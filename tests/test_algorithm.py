@@ -1,4 +1,4 @@
-"""The EM loop's formulas against hand-computed examples (DESIGN.md §1)."""
+"""The EM loop's formulas against hand-computed examples (TEMPO, arXiv 2604.19295)."""
 import math
 
 import pytest

@@ -191,14 +191,12 @@ def test_drift_stats_by_hand():
 
 @pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
                                       "stage1.critic_epochs=9", "train.critic_lr=0.7",
-                                      "base_model.hidden_size=32", "base_model.critic_sft_steps=7",
-                                      "model.critic_path=/elsewhere"])
+                                      "base_model.hidden_size=32", "model.critic_path=/elsewhere"])
 def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     from tempo.config import load_config
 
-    def key(cfg):  # the critic's trunk path carries its shape and training (base_model.*)
-        critic = cfg.model.critic_path or str(base_model_dir(cfg.task, cfg.base_model, "critic"))
-        return stage1_key(cfg, "base", critic)
+    def key(cfg):  # the base model's path carries its shape and training (base_model.*)
+        return stage1_key(cfg, str(base_model_dir(cfg.task, cfg.base_model)), cfg.model.critic_path or None)
 
     assert key(load_config("configs/tiny_cpu.yaml")) != key(load_config("configs/tiny_cpu.yaml", [override]))
 

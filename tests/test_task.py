@@ -38,6 +38,13 @@ def test_chain_lengths_follow_the_knobs():
     assert lengths == {2, 3, 4}
 
 
+def test_no_step_multiplies_by_zero():
+    # "*0" would erase the chain: a wrong chain would land on the right answer.
+    rng = random.Random(0)
+    ops = [op for _ in range(300) for op in random_chain(rng, TaskConfig(modulus=7)).ops]
+    assert ("*", 0) not in ops and any(op == "*" for op, _ in ops) and ("+", 0) in ops
+
+
 def test_too_many_questions_is_an_error():
     with pytest.raises(ValueError, match="distinct questions"):
         make_splits(TaskConfig(modulus=2, min_ops=1, max_ops=1, num_labeled=100))

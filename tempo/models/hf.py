@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+from transformers.utils import logging as hf_logging
 
 import tempo_kernels
 from tempo.config import Optim
@@ -28,8 +29,14 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
     cfg = AutoConfig.from_pretrained(path)
     cfg.num_labels = 1  # passing num_labels= to from_pretrained fails in transformers 5
     cfg.classifier_dropout = 0.0
-    with torch.random.fork_rng():  # a new head's random init must not shift the sampling RNG
-        module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
+    verbosity = hf_logging.get_verbosity()
+    if init_from_policy:  # the head is missing from a policy checkpoint by design: no load report
+        hf_logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng():  # a new head's random init must not shift the sampling RNG
+            module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if init_from_policy:
         # A fresh head predicts 0 = "as likely right as wrong" until the E-step trains it.
         torch.nn.init.zeros_(module.score.weight)
