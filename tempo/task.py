@@ -1,12 +1,15 @@
 """The embedded task: chains of modular arithmetic evaluated left to right.
 
-A question `4+9*7-2 mod 13` is solved in written steps, one operation a line, and the
+A question `4+9*3-2 mod 7` is solved in written steps, one operation a line, and the
 final value boxed:
 
-    4+9=0;0*7=0;0-2=11;\\boxed{11}
+    4+9=6;6*3=4;4-2=2;\\boxed{2}
 
-Every step is a small table lookup, but a chain is right only if every step is, so a
-weakly trained model is often wrong, and a critic can learn to spot the wrong step.
+Grading looks at the final answer only, like every math grader. With a prime modulus and no
+multiplication by 0, every step is a bijection, so one slip always changes the final answer
+(only two slips can cancel): right answers come from right work, not luck. (Modulus 10 with
+"*0", "*2", "*5" lets a wrong chain land on the right digit: three quarters of the right
+answers of a weak model were such lucky landings.)
 Deterministic from a seed; the difficulty knobs are the modulus and the chain length.
 """
 from __future__ import annotations
