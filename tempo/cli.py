@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run a method (stage 1, then the EM loop) and write a run directory",
-                       description="Build the base model if needed, run stage 1 (RLVR on its own labeled "
-                                   "data, cached), then the configured method's loop; writes config.yaml, metrics.jsonl, "
+                       description="Build the base model if needed, run stage 1 (the critic trained on labeled "
+                                   "rollouts of its own data, then optional RLVR steps; cached), then the configured method's loop; writes config.yaml, metrics.jsonl, "
                                    "TensorBoard logs, checkpoints, curves.png and summary.md to run.out_dir.")
     _config_args(p)
     p.set_defaults(func=cmd_train)
