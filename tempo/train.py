@@ -52,9 +52,10 @@ def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
     shape["base"], shape["critic_base"] = base_path, critic_base
     shape["model"].pop("kernels")
     shape["algorithm"].pop("method")
-    # Stage 1's batches are all labeled, and it is seeded by the base model's seed, so that
-    # runs with other EM-loop seeds share it.
-    for key in ("steps", "labeled_per_step", "seed"):
+    # Stage 1's batches are all labeled, its critic trains at stage1.critic_lr, and it is
+    # seeded by the base model's seed, so that runs with other EM-loop seeds share it.
+    shape["seed"] = cfg.base_model.seed
+    for key in ("steps", "labeled_per_step", "critic_lr", "seed"):
         shape["train"].pop(key)
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
