@@ -241,9 +241,7 @@ class EMTrainer:
 
     def e_step(self, tokens: TokenBatch) -> dict[str, float]:
         """Critic recalibration: value regression on the labeled rows toward R ∈ {+1, −1}."""
-        clip = self.cfg.algorithm.cliprange_value
-
-        agg = self.cfg.algorithm.loss_agg
+        clip, agg = self.cfg.algorithm.cliprange_value, self.cfg.algorithm.loss_agg
 
         def loss_fn(out, mb):
             loss, stats = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
