@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tempo import dist
+from tempo import dist, lock
 from tempo.base_model import base_model_dir, ensure_base_model, publish
 from tempo.build import build_models, build_splits
 from tempo.config import Config, save_config
@@ -102,11 +102,18 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
 
 
 def train(cfg: Config) -> dict:
-    """Run the configured method; returns the final summary (also written to the run dir)."""
+    """Run the configured method; returns the final summary (also written to the run dir).
+    Rank 0 holds the run directory for the whole run: a second run into it is refused."""
     run_dir = Path(cfg.run.out_dir)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not dist.is_main():
+        return _run(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with lock.hold(run_dir):
         save_config(cfg, run_dir / "config.yaml")
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: Config, run_dir: Path) -> dict:
     method = METHODS[cfg.algorithm.method]
     started = time.time()
     splits = build_splits(cfg)

@@ -147,3 +147,28 @@ def test_group_filtering_accumulates_generation_batches(tmp_path, micro_model):
     step = [r for r in read(tmp_path / "run") if r["phase"] == "train"][0]
     assert 1 <= step["gen_batches"] <= 3
     assert step["dropped_groups"] >= 0 and "labeled_acc" in step
+
+
+def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path, micro_model):
+    cfg = micro_config(tmp_path, micro_model, "train.steps=1", "run.save_checkpoints=false")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(ConfigError, match=rf"in use by another tempo run \(pid {os.getppid()}\)"):
+        train(cfg)
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_stale_lock_from_a_dead_run_is_taken_over(tmp_path, micro_model, caplog):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cfg = micro_config(tmp_path, micro_model, "train.steps=1", "run.save_checkpoints=false")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").write_text(str(dead.pid))
+    with caplog.at_level("WARNING", logger="tempo"):
+        train(cfg)
+    assert "taking over" in caplog.text
+    assert (run / "metrics.jsonl").exists() and not (run / "run.lock").exists()
