@@ -32,25 +32,20 @@ def base_model_dir(task: TaskConfig, base: BaseModelConfig) -> Path:
 
 
 def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
-    """The cached base policy's directory, building it first when it is missing."""
+    """The cached base model's directory, building it first when it is missing."""
     out = base_model_dir(task, base)
     if (out / "config.json").is_file():
         return out
     log.info("building the embedded base model in %s", out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tokenizer = char_tokenizer()
     model = build_tiny_qwen3(base, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                              eos_id=tokenizer.eos_token_id)
-    examples = solution_examples(tokenizer, sft_corpus(task, base.sft_examples, base.seed))
-    train_sft(model, examples, base, base.sft_steps, tokenizer.pad_token_id)
-    save(model, tokenizer, out)
-    return out
-
-
-def save(model, tokenizer, out: Path) -> None:
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    train_sft(model, tokenizer, sft_corpus(task, base.sft_examples, base.seed), base)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     publish(tmp, out)
+    return out
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -76,49 +71,30 @@ def build_tiny_qwen3(base: BaseModelConfig, vocab_size: int, pad_id: int, eos_id
     return Qwen3ForCausalLM(cfg)
 
 
-Example = tuple[list[int], list[int]]  # token ids, labels (-100: no loss)
-
-
-def solution_examples(tokenizer, corpus: list[tuple[str, str]]) -> list[Example]:
-    """Next-token loss on the solution and EOS only."""
-    out = []
-    for q, s in corpus:
-        q_ids, s_ids = tokenizer(q)["input_ids"], tokenizer(s)["input_ids"] + [tokenizer.eos_token_id]
-        out.append((q_ids + s_ids, [-100] * len(q_ids) + s_ids))
-    return out
-
-
-def _batches(examples: list[Example], base: BaseModelConfig, steps: int, pad_id: int):
-    """(step, lr, ids, labels) for `steps` random batches, cosine learning rate, fixed seed."""
+def train_sft(model, tokenizer, corpus: list[tuple[str, str]], base: BaseModelConfig) -> None:
+    """Next-token loss on the solution and EOS only, cosine learning rate, fixed seed."""
     gen = torch.Generator().manual_seed(base.seed)
-    for step in range(steps):
-        lr = base.sft_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(len(examples), (base.sft_batch_size,), generator=gen).tolist()
-        rows = [examples[i] for i in idx]
-        width = max(len(x) for x, _ in rows)
-        ids = torch.full((len(rows), width), pad_id)
-        labels = torch.full((len(rows), width), -100)
-        for r, (x, y) in enumerate(rows):
-            ids[r, : len(x)] = torch.tensor(x)
-            labels[r, : len(y)] = torch.tensor(y)
-        yield step, lr, ids, labels
-
-
-def _optimise(model, opt, lr: float, loss: torch.Tensor) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-
-
-def train_sft(model, examples: list[Example], base: BaseModelConfig, steps: int, pad_id: int) -> None:
-    """Next-token loss on the labeled positions."""
+    encoded = [(tokenizer(q)["input_ids"], tokenizer(s)["input_ids"] + [tokenizer.eos_token_id])
+               for q, s in corpus]
     opt = torch.optim.AdamW(model.parameters(), lr=base.sft_lr, weight_decay=0.0)
     model.train()
-    for step, lr, ids, labels in _batches(examples, base, steps, pad_id):
-        loss = model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels).loss
-        _optimise(model, opt, lr, loss)
-        if step % 100 == 0 or step == steps - 1:
-            log.info("SFT step %d/%d loss %.4f", step + 1, steps, loss.item())
+    for step in range(base.sft_steps):
+        lr = base.sft_lr * 0.5 * (1 + math.cos(math.pi * step / base.sft_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(encoded), (base.sft_batch_size,), generator=gen).tolist()
+        rows = [encoded[i] for i in idx]
+        width = max(len(q) + len(s) for q, s in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        for r, (q, s) in enumerate(rows):
+            ids[r, : len(q) + len(s)] = torch.tensor(q + s)
+            labels[r, len(q): len(q) + len(s)] = torch.tensor(s)
+        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
+                     labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == base.sft_steps - 1:
+            log.info("base model SFT step %d/%d loss %.4f", step + 1, base.sft_steps, loss.item())

@@ -33,13 +33,10 @@ class Chain:
     def question(self) -> str:
         return f"{self.start}" + "".join(f"{op}{v}" for op, v in self.ops) + f" mod {self.modulus}\n"
 
-    def apply(self, value: int, op: str, v: int) -> int:
-        return {"+": value + v, "-": value - v, "*": value * v}[op] % self.modulus
-
     def steps(self) -> list[tuple[int, str, int, int]]:
         value, out = self.start, []
         for op, v in self.ops:
-            new = self.apply(value, op, v)
+            new = {"+": value + v, "-": value - v, "*": value * v}[op] % self.modulus
             out.append((value, op, v, new))
             value = new
         return out
@@ -56,12 +53,9 @@ class Chain:
 
 def random_chain(rng: random.Random, cfg: TaskConfig) -> Chain:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
-    ops = []
-    for _ in range(n_ops):
-        op = rng.choice(OPS)
-        # No "*0": it erases the chain, so a wrong chain would still land on the right answer.
-        ops.append((op, rng.randrange(1, cfg.modulus) if op == "*" else rng.randrange(cfg.modulus)))
-    ops = tuple(ops)
+    # No "*0": it erases the chain, so a wrong chain would still land on the right answer.
+    ops = tuple((op, rng.randrange(1 if op == "*" else 0, cfg.modulus))
+                for op in (rng.choice(OPS) for _ in range(n_ops)))
     return Chain(rng.randrange(cfg.modulus), ops, cfg.modulus)
 
 
@@ -104,13 +98,9 @@ def make_splits(cfg: TaskConfig) -> TaskSplits:
     })
 
 
-def _fresh_chains(cfg: TaskConfig, count: int, seed: str) -> list[Chain]:
-    """Questions disjoint from every split (D_L, D_U, held-out, stage 1)."""
-    splits = make_splits(cfg)
-    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout + splits.stage1}
-    return _unique_chains(random.Random(seed), cfg, count, taken)
-
-
 def sft_corpus(cfg: TaskConfig, count: int, seed: int) -> list[tuple[str, str]]:
     """(question, worked solution) pairs for the base model, disjoint from every split."""
-    return [(c.question, c.solution()) for c in _fresh_chains(cfg, count, f"sft-{seed}")]
+    splits = make_splits(cfg)
+    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout + splits.stage1}
+    rng = random.Random(f"sft-{seed}")
+    return [(c.question, c.solution()) for c in _unique_chains(rng, cfg, count, taken)]
