@@ -83,7 +83,7 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int]) -> str:
         "## Drift monitor (last 5 training steps, unlabeled rows)\n\n"
         "pseudo_acc: share of rows where the pseudo-reward's verdict matches the hidden truth; "
         "pseudo_corr: their correlation; majority_correct: prompts whose majority answer is right.\n\n"
-        + table({m: d for m, d in drift.items()}, DRIFT),
+        + table(drift, DRIFT),
         "Wall clock per method, all seeds (minutes): " + ", ".join(f"{m} {v:.1f}" for m, v in minutes.items()),
         "![curves, first seed](comparison.png)",
     ]))

@@ -269,16 +269,23 @@ class EMTrainer:
         carries its `share` of the mini-batch loss (its tokens' share for token means, 1/rows
         for sequence means), so micro-batch losses add up to the mini-batch loss."""
         t = self.cfg.train
-        minis = [rows for _ in range(t.update_epochs)
-                 for rows in torch.randperm(len(tokens), generator=self.shuffle).chunk(min(t.mini_batches, len(tokens)))]
+        size = -(-len(tokens) // min(t.mini_batches, len(tokens)))  # `mini_batches` near-equal parts
+        minis = list(self._mini_batches(tokens, t.update_epochs, size, token_mean))
         totals: dict[str, float] = {}
-        for rows in minis:
-            mini = tokens.select(rows)
-            mini.extras["share"] = loss_shares(mini.response_mask, token_mean)
+        for mini in minis:
             out = model.train_step(mini.split(t.micro_batch_size), loss_fn)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v / len(minis)
         return totals
+
+    def _mini_batches(self, tokens: TokenBatch, epochs: int, size: int, token_mean: bool):
+        """`epochs` shuffled passes over `tokens` in mini-batches of `size` rows, each row
+        carrying its loss share."""
+        for _ in range(epochs):
+            for rows in torch.randperm(len(tokens), generator=self.shuffle).split(size):
+                mini = tokens.select(rows)
+                mini.extras["share"] = loss_shares(mini.response_mask, token_mean)
+                yield mini
 
     def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int) -> dict[str, float]:
         """Stage 1's critic training: roll out `problems` once, then regress the critic's values
@@ -295,12 +302,8 @@ class EMTrainer:
                                            mb.response_mask, float("inf"), agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item()}
 
-        losses = []
-        for _ in range(epochs):
-            for rows in torch.randperm(len(tokens), generator=self.shuffle).split(batch_rows):
-                mini = tokens.select(rows)
-                mini.extras["share"] = loss_shares(mini.response_mask, agg == "token-mean")
-                losses.append(self.critic.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)["value_loss"])
+        losses = [self.critic.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)["value_loss"]
+                  for mini in self._mini_batches(tokens, epochs, batch_rows, agg == "token-mean")]
         return {"rows": float(len(tokens)), "accuracy": float(returns.gt(0).float().mean()),
                 "value_loss_first": losses[0] if losses else float("nan"),
                 "value_loss_last": losses[-1] if losses else float("nan")}

@@ -221,3 +221,12 @@ def test_a_second_run_reuses_stage1(tmp_path, micro_model, caplog):
         cfg.run.out_dir = str(tmp_path / "run2")
         train(cfg)
         assert "stage 1: critic" not in caplog.text
+
+
+def test_a_critic_checkpoint_is_told_from_a_language_model(tmp_path, micro_model):
+    from tempo.models.base import has_value_head
+    from tempo.models.hf import load_critic_module
+
+    assert not has_value_head(micro_model)
+    load_critic_module(micro_model, torch.float32, init_from_policy=True).save_pretrained(tmp_path / "critic")
+    assert has_value_head(str(tmp_path / "critic"))

@@ -7,8 +7,10 @@ all-reduce) is the backend's business.
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -86,8 +88,5 @@ class TrainableLM(ABC):
 def has_value_head(path: str) -> bool:
     """True for a saved critic (a token-classification checkpoint); False for a language
     model, on whose trunk a critic gets a new value head."""
-    import json
-    from pathlib import Path
-
     architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
     return any(a.endswith("ForTokenClassification") for a in architectures)
