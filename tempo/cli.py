@@ -29,6 +29,10 @@ def _load(args):
 def cmd_train(args) -> None:
     from tempo.train import train
 
+    if args.resume_force:
+        args.overrides.append("run.resume=force")
+    elif args.resume:
+        args.overrides.append("run.resume=auto")
     train(_load(args))
 
 
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rollouts of its own data, then optional RLVR steps; cached), then the configured method's loop; writes config.yaml, metrics.jsonl, "
                                    "TensorBoard logs, checkpoints, curves.png and summary.md to run.out_dir.")
     _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest whole checkpoint in run.out_dir (same config required)")
+    p.add_argument("--resume-force", action="store_true", help="resume even if the config changed")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a policy checkpoint on D_U (mean@k, pass@k, maj@k, diversity)")

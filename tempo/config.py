@@ -122,6 +122,7 @@ class TrainConfig:
     critic_weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    max_bad_steps: int = 5  # stop after this many steps in a row skipped a non-finite update (0: never)
     seed: int = 0
 
     def optim(self, kind: str) -> Optim:
@@ -157,6 +158,9 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     save_checkpoints: bool = True
+    checkpoint_every: int = 10  # steps between checkpoints (0: only at the end); the last step always
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    resume: str = "never"  # never | auto (newest whole checkpoint, same config) | force (config may differ)
 
 
 @dataclass
@@ -182,6 +186,7 @@ _CHOICES = {
     ("rollout", "engine"): ("hf", "vllm"),
     ("algorithm", "policy_loss"): ("gspo", "ppo"),
     ("algorithm", "loss_agg"): ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    ("run", "resume"): ("never", "auto", "force"),
 }
 
 
@@ -250,7 +255,11 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override '{text}': expected section.key=value")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:  # not YAML: taken as text, which the key's type check then judges
+        value = raw
+    return section, key, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -261,7 +270,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -311,10 +322,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.update_epochs: must be positive")
     if cfg.model.tensor_parallel < 1 or cfg.model.pipeline_parallel < 1:
         raise ConfigError("model.tensor_parallel / model.pipeline_parallel: must be at least 1")
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg.run, key) < 0:
+            raise ConfigError(f"run.{key}: must be 0 or more")
+    if cfg.train.max_bad_steps < 0:
+        raise ConfigError("train.max_bad_steps: must be 0 or more")
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """The `section.key`s whose values differ between two configs."""
+    da, db = to_dict(a), to_dict(b)
+    return [f"{sec}.{key}" for sec in da for key in da[sec] if da[sec][key] != db[sec][key]]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,8 +8,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ from tempo import algorithm, rewards
 from tempo.build import Models
 from tempo.config import Config
 from tempo.data import Problem
-from tempo.errors import ConfigError
+from tempo.errors import ConfigError, NonFiniteError
 from tempo.grading import Grade
 from tempo.methods import Method
 from tempo.metrics import auroc, brier
@@ -90,13 +90,32 @@ class EMTrainer:
         self.cfg, self.method, self.models, self.splits = cfg, method, models, splits
         self.policy: TrainableLM = models.policy
         self.critic: TrainableLM | None = models.critic
-        rng = random.Random(cfg.train.seed)
-        self.labeled = Cycler(splits.labeled, rng)
-        self.unlabeled = Cycler(splits.unlabeled, rng)
+        self.prompt_rng = random.Random(cfg.train.seed)
+        self.labeled = Cycler(splits.labeled, self.prompt_rng)
+        self.unlabeled = Cycler(splits.unlabeled, self.prompt_rng)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.recalibrations = 0
         self.brier_reference: float | None = None  # adaptive recalibration's yardstick
+        self.bad_updates = {"critic": 0, "policy": 0}  # skipped for non-finite values, in a row
+
+    def state_dict(self) -> dict:
+        """Everything besides the models that the next steps depend on: an exact resume needs
+        it all (sampling draws from torch's global RNG)."""
+        return {"step": self.step, "recalibrations": self.recalibrations, "brier_reference": self.brier_reference,
+                "bad_updates": dict(self.bad_updates), "prompt_rng": self.prompt_rng.getstate(),
+                "labeled_order": list(self.labeled.order), "unlabeled_order": list(self.unlabeled.order),
+                "shuffle_rng": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.recalibrations = state["step"], state["recalibrations"]
+        self.brier_reference, self.bad_updates = state["brier_reference"], dict(state["bad_updates"])
+        self.prompt_rng.setstate(state["prompt_rng"])
+        self.labeled.order, self.unlabeled.order = list(state["labeled_order"]), list(state["unlabeled_order"])
+        self.shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
 
     # -- 1, 2: rollouts ----------------------------------------------------------------
 
@@ -179,6 +198,11 @@ class EMTrainer:
         scored = self.policy.infer(tokens, mb_size)
         old_logp = scored["logp"]
         values = self.critic.infer(tokens, mb_size)["values"] if m.uses_critic else None
+        if values is not None and not torch.isfinite(values * mask).all():
+            # Rewards and advantages would be non-finite: neither model learns from this step.
+            self._account("critic", True)
+            stats.update({"skipped_step": 1.0, "nonfinite_values": 1.0})
+            return stats
 
         reward, pseudo = self.rewards(batch, values)
         threshold = 0.0 if m.unlabeled_reward == "critic" else 0.5
@@ -195,12 +219,14 @@ class EMTrainer:
             if self.e_step_due(batch_brier):
                 tokens.extras = {"old_values": values, "returns": reward}
                 stats.update(self.e_step(tokens.select(labeled.nonzero().squeeze(-1))))
+                self._account("critic", stats["critic/nonfinite"] > 0)
                 self.recalibrations += 1
         stats["recalibrations"] = float(self.recalibrations)
 
         if update_policy:
             tokens.extras = {"old_logp": old_logp, "advantages": advantages}
             stats.update(self.m_step(tokens))
+            self._account("policy", stats["actor/nonfinite"] > 0)
             self.models.engine.sync_weights(self.policy.export_weights())
 
         valid = mask.sum()
@@ -211,6 +237,20 @@ class EMTrainer:
             "no_answer_frac": float(sum(s.extracted is None for s in batch.grades) / len(batch.grades)),
         })
         return stats
+
+    def _account(self, model: str, skipped: bool) -> None:
+        """Count updates skipped for a non-finite loss, gradient norm or critic value, in a row."""
+        self.bad_updates[model] = self.bad_updates[model] + 1 if skipped else 0
+
+    def check_health(self) -> None:
+        """Stop the run once `train.max_bad_steps` steps in a row skipped a model's update."""
+        limit = self.cfg.train.max_bad_steps
+        for model, phase in (("critic", "E-step (critic)"), ("policy", "M-step (policy)")):
+            if limit and self.bad_updates[model] >= limit:
+                raise NonFiniteError(
+                    f"{phase}: {self.bad_updates[model]} steps in a row up to step {self.step} had a non-finite "
+                    f"loss, gradient norm or critic value and were skipped; stopping (train.max_bad_steps="
+                    f"{limit}). The newest checkpoint holds the last good state.")
 
     def rewards(self, batch: Batch, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Terminal reward per row: verified on labeled rows, the pseudo-reward elsewhere.

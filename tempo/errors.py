@@ -11,3 +11,11 @@ class ConfigError(TempoError):
 
 class DataError(TempoError):
     """A data file that cannot be read or a row that cannot be used."""
+
+
+class NonFiniteError(TempoError):
+    """Training stopped: too many updates in a row had a non-finite loss, gradient or value."""
+
+
+class ResumeError(TempoError):
+    """A run cannot be resumed as asked (no checkpoint, or a config that differs from it)."""

@@ -22,6 +22,9 @@ from fractions import Fraction
 from functools import lru_cache
 
 SYMBOLIC_TIMEOUT_S = 5.0
+# Longer answers that differ as strings are judged different without parsing: parsing a 1 MB
+# or 100k-digit "answer" costs time and proves nothing (Python's int() refuses > 4300 digits).
+MAX_SYMBOLIC_CHARS = 1000
 # Enough to import sympy and math-verify on a loaded machine; not charged to a check.
 _WORKER_START_TIMEOUT_S = 120.0
 _WORKERS = min(4, os.cpu_count() or 1)
@@ -138,7 +141,7 @@ def _as_number(s: str) -> Fraction | None:
 # Symbolic check in worker processes
 
 _stats_lock = threading.Lock()
-_stats = {"fast_string": 0, "fast_numeric": 0, "symbolic": 0, "timeouts": 0, "errors": 0}
+_stats = {"fast_string": 0, "fast_numeric": 0, "too_long": 0, "symbolic": 0, "timeouts": 0, "errors": 0}
 
 
 def _count(key: str) -> None:
@@ -148,7 +151,8 @@ def _count(key: str) -> None:
 
 def grading_stats() -> dict[str, int]:
     """How many distinct answer pairs each path decided (cache hits are not counted):
-    fast_string, fast_numeric, symbolic (math-verify), and timeouts and errors (both False)."""
+    fast_string, fast_numeric, too_long (over MAX_SYMBOLIC_CHARS, False), symbolic (math-verify),
+    and timeouts and errors (both False)."""
     with _stats_lock:
         return dict(_stats)
 
@@ -242,6 +246,9 @@ def _equivalent(pred: str, truth: str, timeout: float) -> bool:
     if pred == truth:
         _count("fast_string")
         return True
+    if max(len(pred), len(truth)) > MAX_SYMBOLIC_CHARS:  # no answer of a math problem is this long
+        _count("too_long")
+        return False
     pred_value, truth_value = _as_number(pred), _as_number(truth)
     if pred_value is not None and truth_value is not None:
         _count("fast_numeric")

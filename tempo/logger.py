@@ -12,17 +12,24 @@ SHOWN = ("mean@k", "pass@k", "reward_mean", "labeled_acc", "critic_auroc_heldout
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, desc: str,
-                 enabled: bool = True):
+                 enabled: bool = True, resume_step: int | None = None):
+        """`resume_step`: continue a run from its checkpoint at that step; records logged after
+        it (by the life that was killed) are dropped, so that no step appears twice."""
         self.enabled = enabled  # False on ranks other than 0: they log nothing
         if not enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_after(path, resume_step)
+        self.file = open(path, "a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+            purge = None if resume_step is None else resume_step + 1  # TensorBoard hides later events
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+        self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc=desc, disable=not progress,
+                        dynamic_ncols=True)
         self.live: dict[str, float] = {}
 
     def log(self, step: int, phase: str, metrics: dict[str, float]) -> None:
@@ -48,6 +55,23 @@ class RunLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records up to `step`; a last line torn by a kill is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -57,7 +57,8 @@ def test_two_em_steps(tmp_path, micro_model):
         assert key in evals[-1]
     assert summary["final"]["step"] == 2
     for name in ("config.yaml", "summary.md", "curves.png", "checkpoints/step_2/policy/model.safetensors",
-                 "checkpoints/step_2/critic/model.safetensors", "checkpoints/step_2/trainer_state.pt"):
+                 "checkpoints/step_2/critic/model.safetensors", "checkpoints/step_2/trainer_state_rank0.pt",
+                 "checkpoints/step_2/manifest.json", "checkpoints/latest"):
         assert (run / name).is_file(), name
     # Stage 1 is cached: its models exist and a second run reuses them.
     assert len(list((tmp_path / "cache").glob("stage1-*/critic/config.json"))) == 1

@@ -8,6 +8,7 @@ all-reduce) is the backend's business.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,19 @@ class TrainableLM(ABC):
 
     @abstractmethod
     def load_optimizer(self, path: str) -> None: ...
+
+
+def finish_step(optimizer: torch.optim.Optimizer, totals: dict[str, float], grad_norm: float,
+                finite_loss: bool) -> dict[str, float]:
+    """Step the optimiser, unless the loss or the gradient norm is not finite: then the
+    gradients are dropped and the optimiser (weights, moments, step count) is left untouched."""
+    totals["grad_norm"] = grad_norm
+    totals["nonfinite"] = float(not (finite_loss and math.isfinite(grad_norm)))
+    if totals["nonfinite"]:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return totals
 
 
 def has_value_head(path: str) -> bool:

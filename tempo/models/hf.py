@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 import tempo_kernels
 from tempo.config import Optim
-from tempo.models.base import LossFn, TokenBatch, TrainableLM
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -73,15 +73,15 @@ class HFModel(TrainableLM):
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        finite = True
         for mb in micro_batches:
             loss, stats = loss_fn(self.forward(mb), mb)
+            finite &= bool(torch.isfinite(loss))
             loss.backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        totals["grad_norm"] = float(grad_norm)
-        return totals
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+        return finish_step(self.optimizer, totals, grad_norm, finite)
 
     def eval(self) -> None:
         self.module.eval()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import tempo_kernels
 from tempo.config import Optim
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, has_value_head
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, has_value_head
 from tempo.models.megatron import convert
 from tempo.models.megatron.convert import Qwen3Shape
 
@@ -405,11 +405,8 @@ class MegatronModel(TrainableLM):
 
         self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
         self._finish_grads()
-        grad_norm = self._clip_grads()
-        self.optimizer.step()
-        totals = self._mean_stats(stats, len(micro_batches))
-        totals["grad_norm"] = grad_norm
-        return totals
+        grad_norm = self._clip_grads()  # global over ranks: every rank takes the same decision
+        return finish_step(self.optimizer, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
 
     def _finish_grads(self) -> None:
         for p in self.params:
