@@ -162,3 +162,21 @@ def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, micro_mode
                                       "train.mini_batches=1", "stage1.steps=0")))
     rows = [r for r in read(tmp_path / "run") if r["phase"] == "train"]
     assert [r["actor/nonfinite"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_non_finite_critic_values_skip_the_step_and_name_the_e_step(tmp_path, micro_model, monkeypatch):
+    from tempo.config import load_config
+    from tempo.models.hf import HFModel
+
+    def nan_values(self, batch):
+        out = real(self, batch)
+        return {"values": out["values"] * float("nan")} if self.kind == "critic" else out
+
+    real = HFModel.forward
+    monkeypatch.setattr(HFModel, "forward", nan_values)
+    args = overrides(tmp_path, micro_model, "run", "train.max_bad_steps=2", "stage1.steps=0", "stage1.critic_epochs=0")
+    with pytest.raises(NonFiniteError, match=r"E-step \(critic\): 2 steps in a row"):
+        train(load_config(None, args))
+    rows = [r for r in read(tmp_path / "run") if r["phase"] == "train"]
+    assert [(r["nonfinite_values"], r["skipped_step"]) for r in rows] == [(1.0, 1.0), (1.0, 1.0)]
+    assert "actor/pg_loss" not in rows[0]  # neither model was updated
