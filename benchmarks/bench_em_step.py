@@ -1,8 +1,9 @@
-"""Seconds per EM step at the dimensions of DESIGN.md §5's TRL reference run.
+"""Seconds per EM step at the dimensions of a TRL reference run.
 
 TRL 1.16's GRPOTrainer, tiny Qwen3 (4 layers, hidden 256, FFN 768, 4 heads / 2 KV heads,
 head_dim 64, character vocabulary, 3.2M params), 8 prompts × 8 generations × 16 new tokens
-per step, no reference model: 0.76 s per step (median) on this machine kind. Here the same
+per step, no reference model: 0.76 s per step (median), measured once on this machine kind,
+not side by side with this benchmark. Here the same
 model shape and batch run one TEMPO step (rollout, old log-probs, critic values, E-step,
 M-step), so the critic's forward and update come on top of what TRL does.
 
@@ -64,7 +65,7 @@ def main() -> None:
         f"8 prompts × 8 samples × 16 new tokens; median of {STEPS} steps after {WARMUP} warm-up.",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
-        "| method | median s/step | min | max | TRL GRPOTrainer (DESIGN.md §5) |",
+        "| method | median s/step | min | max | TRL GRPOTrainer (earlier run, not side by side) |",
         "|---|---|---|---|---|",
         *[f"| {m} | {med:.3f} | {lo:.3f} | {hi:.3f} | 0.76 |" for m, med, lo, hi in rows],
         "",

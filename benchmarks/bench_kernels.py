@@ -9,7 +9,7 @@
                      chunk_size=1 sequence)
        ours          `linear_logprob_torch` + `policy_loss_torch` (kind="ppo", agg="token-mean")
 
-Memory (DESIGN.md §5): every variant runs in a FRESH subprocess. After the inputs are
+Memory: every variant runs in a FRESH subprocess. After the inputs are
 allocated it records VmRSS, resets the kernel's peak-RSS counter (writing 5 to
 /proc/self/clear_refs), runs forward + backward once, reads VmHWM, and reports
     op peak = VmHWM - VmRSS(after inputs) - bytes(dH) - bytes(dW)
@@ -206,7 +206,7 @@ def write_results(results: list[dict], command: str, load: tuple, which: str = "
         f"- versions: {', '.join(f'{k} {v}' for k, v in _versions().items())}",
         f"- command: `{command}`",
         "- memory: op peak = VmHWM - VmRSS(after inputs) - bytes(dH, dW), each variant in a fresh "
-        "subprocess, peak counter reset with /proc/self/clear_refs (DESIGN.md §5)",
+        "subprocess, peak counter reset with /proc/self/clear_refs",
         "- time: forward + backward, measured in the subprocess around the op, one run",
         "- the machine is shared: absolute times move with the load of other jobs (load average "
         "above); compare the ratios, measured side by side in one run",

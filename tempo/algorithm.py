@@ -50,3 +50,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = 0.5 * tempo_kernels.aggregate_loss(torch.where(valid, torch.maximum(loss_raw, loss_clip), 0.0), valid, agg)
     clipfrac = masked_mean((loss_clip > loss_raw).float(), mask)
     return loss, {"vf_clipfrac": float(clipfrac)}
+
+
+def loss_shares(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Each row's share of its mini-batch loss under aggregation `agg`: its tokens' share for a
+    token mean, 1/rows for the sequence means. Micro-batch losses weighted by their rows'
+    shares sum to the mini-batch loss."""
+    if agg == "token-mean":
+        return mask.sum(-1) / mask.sum().clamp(min=1)
+    return torch.full((len(mask),), 1.0 / len(mask))

@@ -57,31 +57,40 @@ class Models:
 
 
 def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_critic: bool) -> Models:
-    """Policy, critic (a checkpoint, or a value head on the policy's trunk) and rollout engine."""
+    """Policy, critic (a checkpoint, or a value head on the policy's trunk) and rollout engine,
+    on the configured backend: Hugging Face in one process, or Megatron-core TP/PP/DP under
+    torchrun."""
     select_kernels(cfg.model.kernels)
-    if cfg.model.backend == "megatron":  # TP/PP/DP: launch with torchrun (tempo.models.megatron)
-        from tempo.models.megatron.model import build_megatron_models
-
-        return build_megatron_models(cfg, policy_path, critic_path, need_critic)
-    from tempo.models.hf import HFModel, load_critic_module, load_policy_module
-
-    if not (Path(policy_path) / "config.json").is_file():
-        raise ConfigError(f"model.policy_path: no Hugging Face checkpoint at {policy_path}")
-    dtype = DTYPES[cfg.model.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    policy = HFModel(load_policy_module(policy_path, dtype), "policy", cfg.train.optim("policy"),
-                     temperature=cfg.rollout.temperature)
-    critic = None
-    if need_critic:
-        path = critic_path or policy_path
-        module = load_critic_module(path, dtype, init_from_policy=not has_value_head(path))
-        critic = HFModel(module, "critic", cfg.train.optim("critic"))
-    return Models(policy, critic, build_engine(cfg, policy, tokenizer), tokenizer)
-
-
-def build_engine(cfg: Config, policy: TrainableLM, tokenizer) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine: vllm needs a GPU install (pip install .[gpu]); use hf on CPU")
+    for key, path in (("policy_path", policy_path), ("critic_path", critic_path if need_critic else None)):
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.{key}: no Hugging Face checkpoint at {path}")
+    from tempo.models.hf import load_policy_module
+
+    dtype, t = DTYPES[cfg.model.dtype], cfg.train
+    critic_source = critic_path or policy_path
+    new_head = need_critic and not has_value_head(critic_source)
+    if cfg.model.backend == "megatron":
+        from tempo.models.megatron.model import init_parallel_for, load_model
+
+        init_parallel_for([policy_path] + ([critic_path] if need_critic and critic_path else []),
+                          cfg.model.tensor_parallel, cfg.model.pipeline_parallel, t.seed)
+        policy = load_model(policy_path, "policy", dtype=dtype, optim=t.optim("policy"),
+                            temperature=cfg.rollout.temperature)
+        critic = load_model(critic_source, "critic", dtype=dtype, init_from_policy=new_head,
+                            optim=t.optim("critic")) if need_critic else None
+        # The engine samples with its own copy of the policy, refreshed from export_weights().
+        sampler = load_policy_module(policy_path, dtype)
+    else:
+        from tempo.models.hf import HFModel, load_critic_module
+
+        policy = HFModel(load_policy_module(policy_path, dtype), "policy", t.optim("policy"),
+                         temperature=cfg.rollout.temperature)
+        critic = HFModel(load_critic_module(critic_source, dtype, init_from_policy=new_head), "critic",
+                         t.optim("critic")) if need_critic else None
+        sampler = policy.module  # generates with the policy's own module: weight sync is free
     from tempo.rollout.hf import HFRolloutEngine
 
-    return HFRolloutEngine(cfg.rollout, policy.module, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer), tokenizer)

@@ -29,6 +29,10 @@ class TaskConfig:
     num_unlabeled: int = 256  # D_U: answers hidden from training, used only to score
     num_heldout: int = 64  # labeled slice never trained on: measures the critic's calibration
     num_stage1: int = 1024  # stage 1's labeled training set (RLVR before test time), not D_L
+    # The teacher whose worked solutions the base policy imitates (tempo.task.Teacher).
+    slip: float = 0.0  # chance a step's result is a random wrong value
+    misconceptions: float = 0.0  # share of the facts `a op b` the teacher believes wrong
+    belief: float = 0.6  # how often the teacher writes its wrong belief about such a fact
 
 
 @dataclass
@@ -59,6 +63,10 @@ class BaseModelConfig:
     sft_steps: int = 600
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
+    # The embedded critic's trunk: the base policy trained on for this many more steps on
+    # right solutions (a verifier that knows more than the policy); 0: the policy itself.
+    verifier_steps: int = 0
+    verifier_lr: float = 1e-3
     seed: int = 0
     cache_dir: str = ".cache/tempo"
 
@@ -287,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     """Choices and cross-field rules that the type check cannot see."""
-    from tempo.methods import METHODS  # methods import config: keep the cycle lazy
+    from tempo.methods import METHODS  # lazy: methods pull in grading and voting
 
     for (sec, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, sec), key)
@@ -325,6 +333,9 @@ def validate(cfg: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.run, key) < 0:
             raise ConfigError(f"run.{key}: must be 0 or more")
+    for key in ("slip", "misconceptions", "belief"):
+        if not 0 <= getattr(cfg.task, key) <= 1:
+            raise ConfigError(f"task.{key}: must be a probability in [0, 1]")
     if cfg.train.max_bad_steps < 0:
         raise ConfigError("train.max_bad_steps: must be 0 or more")
 

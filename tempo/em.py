@@ -25,9 +25,10 @@ from tempo.build import Models
 from tempo.config import Config
 from tempo.data import Problem
 from tempo.errors import ConfigError, NonFiniteError
+from tempo.evaluate import evaluate, roll
 from tempo.grading import Grade
 from tempo.methods import Method
-from tempo.metrics import auroc, brier
+from tempo.metrics import brier
 from tempo.models.base import TokenBatch, TrainableLM
 from tempo.rollout.base import Rollouts
 from tempo.task import TaskSplits
@@ -66,19 +67,10 @@ class Cycler:
         return out
 
 
-def loss_shares(mask: torch.Tensor, token_mean: bool) -> torch.Tensor:
-    """Each row's share of its mini-batch loss: its tokens' share under a token mean, 1/rows
-    under a sequence mean. Micro-batch losses weighted by their rows' shares sum to the
-    mini-batch loss."""
-    if token_mean:
-        return mask.sum(-1) / mask.sum().clamp(min=1)
-    return torch.full((len(mask),), 1.0 / len(mask))
-
-
 def check_data(method: Method, labeled: list[Problem], unlabeled: list[Problem]) -> None:
-    if method.unlabeled_reward != "none" and not unlabeled:
+    if method.unlabeled is not None and not unlabeled:
         raise ConfigError("data: D_U is empty but the method trains on unlabeled prompts")
-    if (method.recalibration != "never" or method.labeled_in_m_step) and not labeled:
+    if method.labeled_prompts and not labeled:
         raise ConfigError("data: D_L is empty but the method recalibrates the critic or trains on labeled prompts")
     if any(p.answer is None for p in labeled):
         raise ConfigError("data: every labeled problem needs an answer")
@@ -96,13 +88,13 @@ class EMTrainer:
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.recalibrations = 0
-        self.brier_reference: float | None = None  # adaptive recalibration's yardstick
+        self.schedule_state: dict = {}  # what the method's recalibration schedule remembers
         self.bad_updates = {"critic": 0, "policy": 0}  # skipped for non-finite values, in a row
 
     def state_dict(self) -> dict:
         """Everything besides the models that the next steps depend on: an exact resume needs
         it all (sampling draws from torch's global RNG)."""
-        return {"step": self.step, "recalibrations": self.recalibrations, "brier_reference": self.brier_reference,
+        return {"step": self.step, "recalibrations": self.recalibrations, "schedule_state": dict(self.schedule_state),
                 "bad_updates": dict(self.bad_updates), "prompt_rng": self.prompt_rng.getstate(),
                 "labeled_order": list(self.labeled.order), "unlabeled_order": list(self.unlabeled.order),
                 "shuffle_rng": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
@@ -110,7 +102,7 @@ class EMTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.recalibrations = state["step"], state["recalibrations"]
-        self.brier_reference, self.bad_updates = state["brier_reference"], dict(state["bad_updates"])
+        self.schedule_state, self.bad_updates = dict(state["schedule_state"]), dict(state["bad_updates"])
         self.prompt_rng.setstate(state["prompt_rng"])
         self.labeled.order, self.unlabeled.order = list(state["labeled_order"]), list(state["unlabeled_order"])
         self.shuffle.set_state(state["shuffle_rng"])
@@ -120,9 +112,7 @@ class EMTrainer:
     # -- 1, 2: rollouts ----------------------------------------------------------------
 
     def _roll(self, problems: list[Problem], n: int) -> tuple[Rollouts, list[Grade]]:
-        texts = self.models.prompt_texts(problems, self.cfg.data.template)
-        rollouts = self.models.engine.generate(texts, n)
-        return rollouts, rewards.score(rollouts.texts, [p.answer for p in problems], n)
+        return roll(self.models, problems, n, self.cfg.data.template)
 
     def _labeled_groups(self, want: int, stats: dict[str, float]) -> list[Batch]:
         """Labeled groups with a signal, rolling out more prompts until `want` survive (capped)."""
@@ -147,16 +137,11 @@ class EMTrainer:
 
     def _unlabeled_groups(self, want: int) -> Batch:
         """D_U prompts; for TTRL, `vote_samples` responses vote and the first n are trained on."""
-        n, kind = self.cfg.rollout.n, self.method.unlabeled_reward
-        votes = max(n, self.cfg.algorithm.vote_samples) if kind == "majority" else n
+        n, source = self.cfg.rollout.n, self.method.unlabeled
+        votes = max(n, self.cfg.algorithm.vote_samples) if source.extra_votes else n
         problems = self.unlabeled.take(want)
         rollouts, grades = self._roll(problems, votes)
-        if kind == "majority":
-            self_reward = rewards.majority_reward(grades, votes)
-        elif kind == "cluster":
-            self_reward = rewards.cluster_reward(grades, votes)
-        else:
-            self_reward = torch.zeros(len(grades))
+        self_reward = source.self_score(grades, votes) if source.self_score else torch.zeros(len(grades))
         rows = torch.tensor([i * votes + j for i in range(len(problems)) for j in range(n)], dtype=torch.long)
         return Batch(problems, rollouts.select(rows), [grades[r] for r in rows.tolist()],
                      self_reward[rows], n)
@@ -165,9 +150,8 @@ class EMTrainer:
         cfg, m = self.cfg, self.method
         # RLVR draws the same labeled prompts a step as TEMPO and nothing else: the control for
         # "does the critic's reward on D_U help?"
-        labeled_needed = m.labeled_in_m_step or m.recalibration != "never"
-        want_labeled = cfg.train.labeled_per_step if labeled_needed else 0
-        want_unlabeled = 0 if m.unlabeled_reward == "none" else cfg.train.prompts_per_step - want_labeled
+        want_labeled = cfg.train.labeled_per_step if m.labeled_prompts else 0
+        want_unlabeled = 0 if m.unlabeled is None else cfg.train.prompts_per_step - want_labeled
         stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
         parts = self._labeled_groups(want_labeled, stats)
         if want_unlabeled:
@@ -205,12 +189,9 @@ class EMTrainer:
             return stats
 
         reward, pseudo = self.rewards(batch, values)
-        threshold = 0.0 if m.unlabeled_reward == "critic" else 0.5
-        stats.update(rewards.drift_stats(pseudo, threshold, batch.grades, ~labeled, batch.n))
-        if m.advantage == "em_token":
-            advantages = algorithm.em_token_advantage(reward, values, mask)
-        else:
-            advantages = algorithm.grpo_advantage(reward, batch.n, mask)
+        if m.unlabeled is not None:
+            stats.update(rewards.drift_stats(pseudo, m.unlabeled.threshold, batch.grades, ~labeled, batch.n))
+        advantages = m.advantage.compute(reward, values, mask, batch.n)
 
         if m.uses_critic and labeled.any():
             last = rewards.last_token(values, mask)
@@ -257,27 +238,20 @@ class EMTrainer:
 
         Returns (reward, pseudo); `pseudo` is the unlabeled reward source on every row.
         """
-        labeled = batch.labeled_rows
-        if self.method.unlabeled_reward == "critic":
+        labeled, source = batch.labeled_rows, self.method.unlabeled
+        if source is not None and source.self_score is None:
             pseudo = rewards.last_token(values, batch.rollouts.response_mask)
         else:
             pseudo = batch.self_reward
-        # em_token regresses toward R ∈ {+1, −1}; TTRL and EMPO define 0/1 scores.
-        wrong = -1.0 if self.method.advantage == "em_token" else 0.0
-        verified = torch.where(batch.correct, 1.0, wrong)
+        verified = torch.where(batch.correct, 1.0, self.method.advantage.wrong)
         return torch.where(labeled, verified, pseudo), pseudo
 
     def e_step_due(self, batch_brier: float) -> bool:
-        rule = self.method.recalibration
-        if rule == "never" or self.critic is None:
+        if self.critic is None:
             return False
-        if rule == "adaptive":
-            if self.brier_reference is None:
-                self.brier_reference = batch_brier
-                return False
-            return batch_brier > self.brier_reference + self.cfg.algorithm.adaptive_brier
-        period = self.cfg.algorithm.recalibrate_every
-        return period > 0 and self.step % period == 0
+        a = self.cfg.algorithm
+        return self.method.recalibrate(self.step, batch_brier, self.schedule_state, a.recalibrate_every,
+                                       a.adaptive_brier)
 
     def e_step(self, tokens: TokenBatch) -> dict[str, float]:
         """Critic recalibration: value regression on the labeled rows toward R ∈ {+1, −1}."""
@@ -288,7 +262,7 @@ class EMTrainer:
                                                mb.response_mask, clip, agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
-        stats = self._optimise(self.critic, tokens, loss_fn, token_mean=agg == "token-mean")
+        stats = self._optimise(self.critic, tokens, loss_fn, agg)
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
@@ -301,16 +275,16 @@ class EMTrainer:
                                                 clip_high=a.clip_high, agg=a.loss_agg)
             return loss * mb.extras["share"].sum(), {"pg_loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
-        stats = self._optimise(self.policy, tokens, loss_fn, token_mean=a.loss_agg == "token-mean")
+        stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)
         return {f"actor/{k}": v for k, v in stats.items()}
 
-    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, token_mean: bool) -> dict[str, float]:
+    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str) -> dict[str, float]:
         """`train.update_epochs` passes, each one optimiser step per shuffled mini-batch. Each row
         carries its `share` of the mini-batch loss (its tokens' share for token means, 1/rows
         for sequence means), so micro-batch losses add up to the mini-batch loss."""
         t = self.cfg.train
         size = -(-len(tokens) // min(t.mini_batches, len(tokens)))  # `mini_batches` near-equal parts
-        minis = list(self._mini_batches(tokens, t.update_epochs, size, token_mean))
+        minis = list(self._mini_batches(tokens, t.update_epochs, size, agg))
         totals: dict[str, float] = {}
         for mini in minis:
             out = model.train_step(mini.split(t.micro_batch_size), loss_fn)
@@ -318,13 +292,13 @@ class EMTrainer:
                 totals[k] = totals.get(k, 0.0) + v / len(minis)
         return totals
 
-    def _mini_batches(self, tokens: TokenBatch, epochs: int, size: int, token_mean: bool):
+    def _mini_batches(self, tokens: TokenBatch, epochs: int, size: int, agg: str):
         """`epochs` shuffled passes over `tokens` in mini-batches of `size` rows, each row
         carrying its loss share."""
         for _ in range(epochs):
             for rows in torch.randperm(len(tokens), generator=self.shuffle).split(size):
                 mini = tokens.select(rows)
-                mini.extras["share"] = loss_shares(mini.response_mask, token_mean)
+                mini.extras["share"] = algorithm.loss_shares(mini.response_mask, agg)
                 yield mini
 
     def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int) -> dict[str, float]:
@@ -343,32 +317,12 @@ class EMTrainer:
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item()}
 
         losses = [self.critic.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)["value_loss"]
-                  for mini in self._mini_batches(tokens, epochs, batch_rows, agg == "token-mean")]
+                  for mini in self._mini_batches(tokens, epochs, batch_rows, agg)]
         return {"rows": float(len(tokens)), "accuracy": float(returns.gt(0).float().mean()),
                 "value_loss_first": losses[0] if losses else float("nan"),
                 "value_loss_last": losses[-1] if losses else float("nan")}
 
     # -- evaluation --------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """D_U with its hidden answers, and the critic's calibration on the held-out slice."""
-        cfg = self.cfg
-        k = cfg.eval.k
-        problems = self.splits.unlabeled[: cfg.eval.max_prompts or None]
-        rollouts, scored = self._roll(problems, k)
-        out = rewards.group_metrics(scored, k, cfg.eval.pass_k)
-        out["no_answer_frac"] = sum(s.extracted is None for s in scored) / len(scored)
-        if self.critic is not None:
-            out.update(self.calibration(rollouts, scored, "unlabeled"))
-            if self.splits.heldout:
-                held_rollouts, held_scored = self._roll(self.splits.heldout, k)
-                out.update(self.calibration(held_rollouts, held_scored, "heldout"))
-        return out
-
-    def calibration(self, rollouts: Rollouts, scored: list[Grade], name: str) -> dict[str, float]:
-        tokens = rollouts.token_batch()
-        values = self.critic.infer(tokens, self.cfg.train.micro_batch_size)["values"]
-        last = rewards.last_token(values, tokens.response_mask)
-        truth = torch.tensor([s.correct for s in scored], dtype=torch.float)
-        return {f"critic_auroc_{name}": auroc(last, truth), f"critic_brier_{name}": brier(last, truth)}
+        return evaluate(self.models, self.splits.unlabeled, self.splits.heldout, self.cfg)

@@ -1,39 +1,100 @@
-"""Test-time-training methods as data: each is the same EM loop with different parts.
+"""Test-time-training methods: each is the same EM loop (tempo.em) with its own parts.
 
+A method is one entry of METHODS: where the reward of an unlabeled row comes from, how
+advantages are made, when the E-step runs, and whether labeled prompts join the batch.
 TTRL and EMPO are the loop without the E-step (their reward has no external anchor);
 TEMPO anchors the critic to the labeled set D_L at every recalibration.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tempo import algorithm, rewards
+from tempo.grading import Grade
+
+
+@dataclass(frozen=True)
+class UnlabeledReward:
+    """The pseudo-reward of an unlabeled row."""
+
+    # From the group's own answers (TTRL, EMPO): (grades, group size) -> [rows]; None: the
+    # critic's value at the last response column (TEMPO).
+    self_score: Callable[[list[Grade], int], torch.Tensor] | None
+    threshold: float  # the drift monitor reads a reward above this as "judged right"
+    extra_votes: bool = False  # vote over max(n, algorithm.vote_samples) responses, train on n
+
+
+@dataclass(frozen=True)
+class Advantage:
+    compute: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, int], torch.Tensor]  # (R, V, mask, n)
+    wrong: float  # the verified reward of a wrong labeled answer
+
+
+def em_token(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
+    return algorithm.em_token_advantage(reward, values, mask)
+
+
+def grpo(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
+    return algorithm.grpo_advantage(reward, n, mask)
+
+
+# em_token regresses toward R ∈ {+1, −1}; TTRL's and EMPO's scores are in [0, 1].
+EM_TOKEN = Advantage(em_token, wrong=-1.0)
+GRPO = Advantage(grpo, wrong=0.0)
+
+
+# When the E-step runs: (step, the critic's Brier on this step's labeled rows, what the
+# schedule remembers, algorithm.recalibrate_every, algorithm.adaptive_brier) -> due.
+Schedule = Callable[[int, float, dict, int, float], bool]
+
+
+def never(step: int, brier: float, state: dict, every: int, margin: float) -> bool:
+    return False
+
+
+def periodic(step: int, brier: float, state: dict, every: int, margin: float) -> bool:
+    return every > 0 and step % every == 0
+
+
+def adaptive(step: int, brier: float, state: dict, every: int, margin: float) -> bool:
+    """Only when the labeled batch's Brier rose `margin` above the first step's."""
+    if state.get("brier_reference") is None:
+        state["brier_reference"] = brier
+        return False
+    return brier > state["brier_reference"] + margin
+
+
+CRITIC = UnlabeledReward(None, threshold=0.0)
+MAJORITY = UnlabeledReward(rewards.majority_reward, threshold=0.5, extra_votes=True)
+CLUSTER = UnlabeledReward(rewards.cluster_reward, threshold=0.5)
 
 
 @dataclass(frozen=True)
 class Method:
-    unlabeled_reward: str  # critic | majority | cluster | none (no unlabeled prompts)
-    labeled_in_m_step: bool  # labeled prompts join the policy batch with verified rewards
-    recalibration: str  # every | never | adaptive: when the E-step runs
-    advantage: str  # em_token (R_T − V_t, whitened) | grpo (group-normalised scores)
+    unlabeled: UnlabeledReward | None  # None: no unlabeled prompts
+    labeled_prompts: bool  # train.labeled_per_step D_L prompts a step: verified rewards, the E-step's rows
+    recalibrate: Schedule
+    advantage: Advantage
+    uses_critic: bool
     description: str
-
-    @property
-    def uses_critic(self) -> bool:
-        return self.advantage == "em_token"
 
 
 METHODS: dict[str, Method] = {
-    "tempo": Method("critic", True, "every", "em_token",
+    "tempo": Method(CRITIC, True, periodic, EM_TOKEN, True,
                     "TEMPO: E-step recalibrates the critic on D_L, M-step uses its value on D_U"),
-    "tempo-adaptive": Method("critic", True, "adaptive", "em_token",
+    "tempo-adaptive": Method(CRITIC, True, adaptive, EM_TOKEN, True,
                              "TEMPO, E-step only when the critic's Brier on the step's labeled rollouts rises"),
-    "tempo-fixed-critic": Method("critic", True, "never", "em_token",
+    "tempo-fixed-critic": Method(CRITIC, True, never, EM_TOKEN, True,
                                  "TEMPO with the stage-1 critic frozen (the authors' lr-0 config)"),
-    "m-step-only": Method("critic", False, "never", "em_token",
+    "m-step-only": Method(CRITIC, False, never, EM_TOKEN, True,
                           "critic reward on D_U only, no labeled data after stage 1"),
-    "ttrl": Method("majority", False, "never", "grpo",
+    "ttrl": Method(MAJORITY, False, never, GRPO, False,
                    "TTRL: reward = agreement with the majority-voted answer"),
-    "empo": Method("cluster", False, "never", "grpo",
+    "empo": Method(CLUSTER, False, never, GRPO, False,
                    "EMPO: reward = frequency of the response's semantic answer cluster"),
-    "rlvr": Method("none", True, "every", "em_token",
+    "rlvr": Method(None, True, periodic, EM_TOKEN, True,
                    "RL with verifiable rewards on TEMPO's labeled prompts only: the control for the critic's reward on D_U"),
 }

@@ -7,13 +7,19 @@ final value boxed:
 
 Grading looks at the final answer only, like every math grader. With a prime modulus and no
 multiplication by 0, every step is a bijection, so one slip always changes the final answer
-(only two slips can cancel): right answers come from right work, not luck. (Modulus 10 with
-"*0", "*2", "*5" lets a wrong chain land on the right digit: three quarters of the right
-answers of a weak model were such lucky landings.)
-Deterministic from a seed; the difficulty knobs are the modulus and the chain length.
+(only two slips can cancel): right answers come from right work, not luck.
+
+The base model learns from an imperfect teacher, as real models learn from imperfect data:
+it slips now and then (a random wrong result: majority voting over samples undoes that) and
+holds misconceptions, facts `a op b` it believes wrong more often than right (voting
+entrenches those; a verifier trained on labeled outcomes can learn them). Imitating such a
+teacher is a loss minimum SFT reaches reliably, so the base model's accuracy does not hang
+on where an SFT run stops on a grokking curve.
+Deterministic from a seed; the knobs are the modulus, the chain length and the teacher's.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -36,7 +42,7 @@ class Chain:
     def steps(self) -> list[tuple[int, str, int, int]]:
         value, out = self.start, []
         for op, v in self.ops:
-            new = {"+": value + v, "-": value - v, "*": value * v}[op] % self.modulus
+            new = apply(op, value, v, self.modulus)
             out.append((value, op, v, new))
             value = new
         return out
@@ -45,10 +51,46 @@ class Chain:
     def answer(self) -> int:
         return self.steps()[-1][3]
 
-    def solution(self) -> str:
-        """The worked solution the base model is warm-started on."""
-        lines = "".join(f"{a}{op}{b}={c};" for a, op, b, c in self.steps())
-        return f"{lines}\\boxed{{{self.answer}}}"
+    def solution(self, teacher: "Teacher | None" = None, rng: random.Random | None = None) -> str:
+        """A worked solution: the right one, or the one an imperfect teacher writes (a wrong
+        step carries forward to the boxed answer, as it would for a student)."""
+        value, lines = self.start, ""
+        for op, b in self.ops:
+            new = apply(op, value, b, self.modulus)
+            if teacher is not None:
+                new = teacher.write(value, op, b, new, rng)
+            lines += f"{value}{op}{b}={new};"
+            value = new
+        return f"{lines}\\boxed{{{value}}}"
+
+
+def apply(op: str, a: int, b: int, modulus: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op] % modulus
+
+
+class Teacher:
+    """Writes each step's result: its wrong belief about the fact (with probability
+    `task.belief`, for the `task.misconceptions` share of facts), else a slip (`task.slip`),
+    else the right value. Which facts it misbelieves is fixed by the task's seed."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        rng, m = random.Random(f"teacher-{cfg.seed}"), cfg.modulus
+        self.wrong_beliefs: dict[tuple[int, str, int], int] = {}
+        for a in range(m):
+            for op in OPS:
+                for b in range(1 if op == "*" else 0, m):
+                    if rng.random() < cfg.misconceptions:
+                        right = apply(op, a, b, m)
+                        self.wrong_beliefs[(a, op, b)] = rng.choice([v for v in range(m) if v != right])
+
+    def write(self, a: int, op: str, b: int, right: int, rng: random.Random) -> int:
+        belief = self.wrong_beliefs.get((a, op, b))
+        if belief is not None and rng.random() < self.cfg.belief:
+            return belief
+        if rng.random() < self.cfg.slip:
+            return rng.choice([v for v in range(self.cfg.modulus) if v != right])
+        return right
 
 
 def random_chain(rng: random.Random, cfg: TaskConfig) -> Chain:
@@ -98,9 +140,13 @@ def make_splits(cfg: TaskConfig) -> TaskSplits:
     })
 
 
-def sft_corpus(cfg: TaskConfig, count: int, seed: int) -> list[tuple[str, str]]:
-    """(question, worked solution) pairs for the base model, disjoint from every split."""
-    splits = make_splits(cfg)
-    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout + splits.stage1}
-    rng = random.Random(f"sft-{seed}")
-    return [(c.question, c.solution()) for c in _unique_chains(rng, cfg, count, taken)]
+def sft_corpus(cfg: TaskConfig, count: int, seed: int, teacher: bool = True) -> list[tuple[str, str]]:
+    """(question, worked solution) pairs, disjoint from D_L, D_U and the held-out slice: the
+    imperfect teacher's solutions for the base policy, right ones (`teacher=False`) for the
+    verifier. Stage 1's pool is training data too and may share a few questions; leaving it
+    out of the exclusion keeps the base model the same whatever the pool's size."""
+    splits = make_splits(dataclasses.replace(cfg, num_stage1=0))
+    taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout}
+    rng = random.Random(f"sft-{seed}" if teacher else f"verifier-{seed}")
+    writer = Teacher(cfg) if teacher else None
+    return [(c.question, c.solution(writer, rng)) for c in _unique_chains(rng, cfg, count, taken)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tempo import checkpoint, dist, lock
-from tempo.base_model import base_model_dir, ensure_base_model, publish
+from tempo.base_model import base_model_dir, ensure_base_model, ensure_verifier_model, publish
 from tempo.build import build_models, build_splits
 from tempo.config import Config, config_diff, load_config, save_config
 from tempo.em import EMTrainer
@@ -36,15 +36,20 @@ def seed_everything(seed: int) -> None:
 
 def model_sources(cfg: Config) -> tuple[str, str | None]:
     """The checkpoints the run starts from: the user's policy (and critic, if given), or the
-    embedded base model; a critic of None starts from the policy with a new value head."""
+    embedded base model (and its verifier, with `base_model.verifier_steps`); a critic of
+    None starts from the policy with a new value head."""
     critic = cfg.model.critic_path or None
     if cfg.model.policy_path:
         return cfg.model.policy_path, critic
-    if not dist.is_main():  # rank 0 builds it; the others wait for the finished directory
-        path = base_model_dir(cfg.task, cfg.base_model)
-        dist.wait_for(path / "config.json")
-        return str(path), critic
-    return str(ensure_base_model(cfg.task, cfg.base_model)), critic
+    task, base = cfg.task, cfg.base_model
+    verifier = base.verifier_steps > 0 and critic is None
+    if not dist.is_main():  # rank 0 builds them; the others wait for the finished directories
+        paths = [base_model_dir(task, base)] + ([base_model_dir(task, base, "verifier")] if verifier else [])
+        for path in paths:
+            dist.wait_for(path / "config.json")
+        return str(paths[0]), str(paths[1]) if verifier else critic
+    policy = ensure_base_model(task, base)
+    return str(policy), str(ensure_verifier_model(task, base)) if verifier else critic
 
 
 def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:

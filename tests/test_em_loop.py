@@ -173,3 +173,15 @@ def test_a_stale_lock_from_a_dead_run_is_taken_over(tmp_path, micro_model, caplo
         train(cfg)
     assert "taking over" in caplog.text
     assert (run / "metrics.jsonl").exists() and not (run / "run.lock").exists()
+
+
+def test_eval_scores_a_checkpoint_with_only_a_d_u_file(tmp_path, micro_model, capsys):
+    from tempo.cli import main
+
+    d_u = tmp_path / "d_u.jsonl"
+    d_u.write_text("".join(json.dumps({"prompt": f"{i}+1 mod 7\n", "answer": str((i + 1) % 7)}) + "\n" for i in range(5)))
+    code = main(["eval", "--config", "none", "--checkpoint", micro_model, "data.source=files",
+                 f"data.unlabeled_files=[{d_u}]", "eval.k=2", "eval.pass_k=1", "rollout.max_new_tokens=8"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert micro_model in table and "mean@k" in table

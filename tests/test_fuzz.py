@@ -6,7 +6,6 @@ import json
 import random
 import time
 
-import pytest
 import torch
 
 from tempo import vote
@@ -216,7 +215,6 @@ def test_grading_hostile_responses_is_bounded_in_time():
     assert elapsed < 45, f"{elapsed:.1f} s for {len(responses)} hostile responses"
 
 
-@pytest.mark.skipif(vote.backend() != "cpp", reason="the C++ extension is not built")
 def test_cpp_and_python_votes_agree_on_hostile_answers(monkeypatch):
     rng = random.Random(SEED)
     answers = hostile_answers(rng, 400) + [None]

@@ -5,10 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tempo.base_model import base_model_dir, ensure_base_model
+import dataclasses
+
+from tempo.base_model import base_model_dir, ensure_base_model, ensure_verifier_model
 from tempo.config import BaseModelConfig, TaskConfig
 from tempo.grading import grade
-from tempo.task import Chain, make_splits, random_chain, sft_corpus
+from tempo.task import Chain, Teacher, apply, make_splits, random_chain, sft_corpus
 
 
 def test_chain_solution_by_hand():
@@ -67,3 +69,54 @@ def test_base_model_builds_caches_and_loads(tmp_path):
     # A different shape gets a different cache entry.
     assert base_model_dir(task, BaseModelConfig(hidden_size=64, cache_dir=str(tmp_path))) != path
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_the_verifier_is_the_policy_trained_on_right_solutions(tmp_path):
+    task = TaskConfig(num_labeled=4, num_unlabeled=4, num_heldout=4, modulus=7, slip=0.1, misconceptions=0.2)
+    base = BaseModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_size=64,
+                           sft_examples=64, sft_steps=2, sft_batch_size=8, verifier_steps=2, cache_dir=str(tmp_path))
+    verifier = ensure_verifier_model(task, base)
+    policy = base_model_dir(task, base)
+    assert verifier == base_model_dir(task, base, "verifier") and (policy / "config.json").is_file()
+    a = AutoModelForCausalLM.from_pretrained(policy).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(verifier).state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    # The verifier's settings and stage 1's pool size do not touch the base policy's cache key.
+    assert base_model_dir(task, dataclasses.replace(base, verifier_steps=5)) == policy
+    assert base_model_dir(dataclasses.replace(task, num_stage1=7), base) == policy
+    assert base_model_dir(task, dataclasses.replace(base, verifier_steps=5), "verifier") != verifier
+
+
+def test_the_teacher_slips_and_misbelieves_at_the_configured_rates():
+    cfg = TaskConfig(modulus=7, min_ops=3, max_ops=5, slip=0.1, misconceptions=0.25, belief=0.7)
+    teacher = Teacher(cfg)
+    assert Teacher(cfg).wrong_beliefs == teacher.wrong_beliefs  # fixed by the task's seed
+    assert Teacher(dataclasses.replace(cfg, seed=1)).wrong_beliefs != teacher.wrong_beliefs
+    assert 0.15 * 140 < len(teacher.wrong_beliefs) < 0.35 * 140  # 7 × (7 + 7 + 6) facts
+    assert all(apply(op, a, b, 7) != wrong for (a, op, b), wrong in teacher.wrong_beliefs.items())
+    rng = random.Random(0)
+    counts = {"fact": 0, "slip": 0, "held": 0, "believed": 0}
+    for _ in range(20000):
+        a, op, b = rng.randrange(7), rng.choice("+-*"), rng.randrange(1, 7)
+        written = teacher.write(a, op, b, apply(op, a, b, 7), rng)
+        if (a, op, b) in teacher.wrong_beliefs:
+            counts["held"] += 1
+            counts["believed"] += written == teacher.wrong_beliefs[(a, op, b)]
+        else:
+            counts["fact"] += 1
+            counts["slip"] += written != apply(op, a, b, 7)
+    assert abs(counts["slip"] / counts["fact"] - 0.1) < 0.015
+    assert abs(counts["believed"] / counts["held"] - 0.7) < 0.03
+    # A wrong step carries forward: the boxed value is the chain's written last value.
+    for question, solution in sft_corpus(cfg, 200, seed=0):
+        assert solution.endswith(f"\\boxed{{{solution.split(';')[-2].split('=')[1]}}}")
+    clean = sft_corpus(cfg, 200, seed=0, teacher=False)
+    assert all(grade(s, str(_answer(q))).correct for q, s in clean)
+
+
+def _answer(question: str) -> int:
+    expression, modulus = question.strip().split(" mod ")
+    value, rest = int(expression[0]), expression[1:]
+    for op, b in zip(rest[0::2], rest[1::2]):
+        value = apply(op, value, int(b), int(modulus))
+    return value

@@ -19,13 +19,17 @@ class Rollouts:
     prompt_mask: torch.Tensor  # [B, P]
     response_ids: torch.Tensor  # [B, R] right-padded
     response_mask: torch.Tensor  # [B, R] float: tokens up to and including EOS
-    logprobs: torch.Tensor  # [B, R] log-prob of each sampled token at the sampling temperature
+    # [B, R] the engine's log-prob of each sampled token, or None: the trainer always recomputes
+    # log-probs with the policy (the fused kernel), so an engine reports them only when they
+    # come free (vLLM) and can be compared with the trainer's.
+    logprobs: torch.Tensor | None
     texts: list[str]  # decoded responses, special tokens removed
     truncated: torch.Tensor  # [B] bool: hit max_new_tokens without EOS
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
-                        self.response_mask[rows], self.logprobs[rows], [self.texts[i] for i in rows.tolist()],
+                        self.response_mask[rows], None if self.logprobs is None else self.logprobs[rows],
+                        [self.texts[i] for i in rows.tolist()],
                         self.truncated[rows])
 
     @staticmethod
@@ -45,7 +49,7 @@ class Rollouts:
             torch.cat([left(p.prompt_mask, P, 0) for p in parts]),
             torch.cat([right(p.response_ids, R, pad_id) for p in parts]),
             torch.cat([right(p.response_mask, R, 0) for p in parts]),
-            torch.cat([right(p.logprobs, R, 0) for p in parts]),
+            None if any(p.logprobs is None for p in parts) else torch.cat([right(p.logprobs, R, 0) for p in parts]),
             [t for p in parts for t in p.texts],
             torch.cat([p.truncated for p in parts]),
         )

@@ -22,7 +22,7 @@ class HFRolloutEngine(RolloutEngine):
         return GenerationConfig(
             do_sample=True, temperature=temperature, top_p=self.cfg.top_p, top_k=0,
             max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
 
     @torch.no_grad()
@@ -34,22 +34,18 @@ class HFRolloutEngine(RolloutEngine):
         prompt_ids = enc.input_ids.repeat_interleave(n, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
         gen_cfg = self._generation_config(temperature)
-        rows, logps = [], []
+        rows = []
         for start in range(0, len(prompt_ids), self.batch_size):
             sl = slice(start, start + self.batch_size)
             out = self.module.generate(input_ids=prompt_ids[sl], attention_mask=prompt_mask[sl],
                                        generation_config=gen_cfg)
-            resp = out.sequences[:, prompt_ids.shape[1]:]
-            logits = torch.stack(out.logits, 1).float() / temperature
-            logp = torch.log_softmax(logits, -1).gather(-1, resp[..., None]).squeeze(-1)
-            rows += resp.tolist()
-            logps.append(logp)
+            rows += out[:, prompt_ids.shape[1]:].tolist()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
-        width = ids.shape[1]
-        logprobs = torch.cat([torch.nn.functional.pad(l, (0, width - l.shape[1])) for l in logps]) * mask
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return Rollouts(prompt_ids, prompt_mask, ids, mask, logprobs, texts, truncated)
+        # No sampling log-probs: asking generate for them keeps [rows, tokens, vocab] logits, the
+        # tensor the fused log-prob kernel exists to avoid; the trainer recomputes them anyway.
+        return Rollouts(prompt_ids, prompt_mask, ids, mask, None, texts, truncated)
 
     @torch.no_grad()
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

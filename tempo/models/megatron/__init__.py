@@ -3,5 +3,5 @@
 parallel.py   layout checks (before any process-group work) and parallel-state set-up
 cpu_compat.py the CUDA-only calls of megatron-core redirected to the CPU (CPU runs only)
 convert.py    Hugging Face Qwen3 <-> megatron weights and their tensor-parallel shards
-model.py      MegatronModel (policy / critic), `build_megatron_models` for tempo.build
+model.py      MegatronModel (policy / critic), `load_model`, `init_parallel_for` (used by tempo.build)
 """

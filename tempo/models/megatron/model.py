@@ -508,37 +508,16 @@ def load_model(path: str, kind: str, *, dtype: torch.dtype, init_from_policy: bo
     return model
 
 
-def build_megatron_models(cfg, policy_path: str, critic_path: str | None, need_critic: bool):
-    """`tempo.build.build_models` for model.backend=megatron: checks, parallel state, models, engine."""
-    from transformers import AutoConfig, AutoTokenizer
+def init_parallel_for(paths: list[str], tensor_parallel: int, pipeline_parallel: int, seed: int) -> None:
+    """Check that the TP/PP layout divides every model's heads, layers and FFN under the launched
+    world size, then initialise Megatron's process groups."""
+    from transformers import AutoConfig
 
-    from tempo.build import DTYPES, Models
-    from tempo.errors import ConfigError
-    from tempo.models.hf import load_policy_module
     from tempo.models.megatron.parallel import check_layout, init_parallel, launched_world_size
-    from tempo.rollout.hf import HFRolloutEngine
 
-    if cfg.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine: vllm needs a GPU install (pip install .[gpu]); use hf on CPU")
-    paths = [policy_path] + ([critic_path] if need_critic and critic_path else [])
     layout = None
     for path in paths:
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"model.policy_path: no Hugging Face checkpoint at {path}")
         s = Qwen3Shape.from_hf(AutoConfig.from_pretrained(path))
-        layout = check_layout(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, launched_world_size(),
-                              num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, num_layers=s.num_layers,
-                              ffn_size=s.ffn_size)
-    init_parallel(layout, cfg.train.seed)
-    dtype, t = DTYPES[cfg.model.dtype], cfg.train
-    policy = load_model(policy_path, "policy", dtype=dtype, optim=t.optim("policy"),
-                        temperature=cfg.rollout.temperature)
-    critic = None
-    if need_critic:
-        path = critic_path or policy_path
-        critic = load_model(path, "critic", dtype=dtype, init_from_policy=not has_value_head(path),
-                            optim=t.optim("critic"))
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    # The HF engine samples with its own copy of the policy, refreshed from export_weights().
-    engine = HFRolloutEngine(cfg.rollout, load_policy_module(policy_path, dtype), tokenizer)
-    return Models(policy, critic, engine, tokenizer)
+        layout = check_layout(tensor_parallel, pipeline_parallel, launched_world_size(), num_heads=s.num_heads,
+                              num_kv_heads=s.num_kv_heads, num_layers=s.num_layers, ffn_size=s.ffn_size)
+    init_parallel(layout, seed)
