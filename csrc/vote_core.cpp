@@ -5,7 +5,7 @@
 // ---------------------------------------------------------------------------------------------
 // Canonicalisation rules. One pass applies R1..R8 in order; passes repeat until the string no
 // longer changes, at most kMaxPasses (8) passes. An empty result is "no answer". Strings are
-// UTF-8 bytes; rules match ASCII only, other bytes pass through.
+// UTF-8 bytes; rules match ASCII only (and the degree sign °, C2 B0), other bytes pass through.
 // Tokens (R3, R4, R5): `\` + ASCII letters (control word), `\` + one other byte (control
 // symbol), or one byte. Whenever a removal would glue a control word to a following letter, one
 // space separates them ("\alpha\!b" -> "\alpha b"); this is the only space ever kept.
@@ -14,20 +14,22 @@
 //  R1    trim ASCII whitespace (space \t \n \v \f \r)          " 42\n"          -> "42"
 //  R2    strip surrounding `$` pairs, repeatedly, trimming     "$$ x^2 $$"      -> "x^2"
 //  R3a   drop \left and \right (with the `.` of \left. \right.) "\left(1,2\right)" -> "(1,2)"
-//  R3b   drop spacing \! \, \; \: \<whitespace> \quad \qquad   "1\,000"         -> "1000"
+//  R3b   drop spacing \! \, \; \: \<whitespace> \quad \qquad,  "1\,000"         -> "1000"
+//        and an escaped dollar \$
 //  R3c   \dfrac and \tfrac -> \frac                            "\dfrac{1}{2}"   -> "\frac{1}{2}"
-//  R3d   \text{X} \mathrm{X} \textbf{X} -> X (brace-matched;   "\text{cm}"      -> "cm"
+//  R3d   \text{X} \mathrm{X} \textbf{X} \mbox{X} -> X          "\text{cm}"      -> "cm"
+//        (brace-matched;
 //        a command without a matching `{...}` is kept)
 //  R4    drop whitespace runs (space kept only as above)       "\frac 1 2"      -> "\frac12"
-//  R5    drop degree marks ^\circ and ^{\circ}                 "30^{\circ}"     -> "30"
+//  R5    drop degree marks ^\circ, ^{\circ}, \degree and °     "30^{\circ}"     -> "30"
 //  R6    drop trailing `.` (one preceded by `\` is kept)       "5."             -> "5"
 //  R7    drop a leading single-letter assignment `L=` when     "x=5"            -> "5"
-//        something follows it
+//        something follows it and no other `=` does (an equation stays)
 //  R8    normalise a plain decimal [+-]?D*(.D*)? (>= 1 digit): "007"            -> "7"
 //        drop `+`, leading zeros of the integer part, trailing "12.00"          -> "12"
 //        zeros of the fraction, a `.` with no fraction left;   ".50"            -> "0.5"
-//        "-0" -> "0"                                           "-0.0"           -> "0"
-// Not handled (left distinct): thousands separators, \boxed, units other than via \text,
+//        "-0" -> "0"; thousands separators in groups of 3 dropped "1,000"   -> "1000"
+// Not handled (left distinct): \boxed, units other than via \text,
 // reordering of tuples / sets; the symbolic level (0.5 vs \frac12) is tempo.vote.merge_equivalent.
 //
 // Hash: FNV-1a 64 over the canonical bytes, as int64 (two's complement). The empty string
@@ -79,12 +81,13 @@ inline Cmd classify(std::string_view tok) {
   switch (tok.size()) {
     case 2: {
       const unsigned char c = static_cast<unsigned char>(tok[1]);
-      return (c == '!' || c == ',' || c == ';' || c == ':' || is_space(c)) ? Cmd::kSpacing : Cmd::kOther;
+      return (c == '!' || c == ',' || c == ';' || c == ':' || c == '$' || is_space(c)) ? Cmd::kSpacing
+                                                                                         : Cmd::kOther;
     }
     case 5:
       if (eq(tok, "\\left")) return Cmd::kLeftRight;
       if (eq(tok, "\\quad")) return Cmd::kSpacing;
-      if (eq(tok, "\\text")) return Cmd::kUnwrap;
+      if (eq(tok, "\\text") || eq(tok, "\\mbox")) return Cmd::kUnwrap;
       if (eq(tok, "\\circ")) return Cmd::kCirc;
       return Cmd::kOther;
     case 6:
@@ -93,6 +96,7 @@ inline Cmd classify(std::string_view tok) {
       if (eq(tok, "\\qquad")) return Cmd::kSpacing;
       return Cmd::kOther;
     case 7:
+      if (eq(tok, "\\degree")) return Cmd::kCirc;
       return (eq(tok, "\\mathrm") || eq(tok, "\\textbf")) ? Cmd::kUnwrap : Cmd::kOther;
     default:
       return Cmd::kOther;
@@ -139,7 +143,7 @@ struct Canonicalizer::Scratch {
   std::string x, y, a, b, c;
   std::vector<size_t> open;
   std::vector<char> matched, drop;
-  bool saw_circ = false;  // R3 emitted a \circ token (R5 has work only then)
+  bool saw_circ = false;  // R3 emitted a \circ or \degree token (R5 has work)
 };
 
 namespace {
@@ -223,12 +227,24 @@ std::string_view squeeze_whitespace(std::string_view s, Scratch& sc) {
   return end_buffer(sc.b, em.p);
 }
 
-// R5: drop ^\circ and ^{\circ}.
+inline bool degree_sign_at(std::string_view s, size_t i) {
+  return i + 1 < s.size() && static_cast<unsigned char>(s[i]) == 0xC2 && static_cast<unsigned char>(s[i + 1]) == 0xB0;
+}
+
+// R5: drop ^\circ, ^{\circ}, \degree and °.
 std::string_view strip_degrees(std::string_view s, Scratch& sc) {
   const size_t n = s.size();
   Emitter em{begin_buffer(sc.c, n)};
   for (size_t i = 0; i < n;) {
     const size_t j = token_end(s, i);
+    if (degree_sign_at(s, i)) {
+      i += 2;
+      continue;
+    }
+    if (j - i == 7 && eq(s.substr(i), "\\degree")) {
+      i = j;
+      continue;
+    }
     if (s[i] == '^' && j < n) {
       const size_t k = token_end(s, j);
       if (k - j == 5 && eq(s.substr(j), "\\circ")) {
@@ -247,6 +263,27 @@ std::string_view strip_degrees(std::string_view s, Scratch& sc) {
     i = j;
   }
   return end_buffer(sc.c, em.p);
+}
+
+// [+-]? D{1,3} (,DDD)+ (.D*)?: a number with thousands separators.
+bool has_thousands(std::string_view s) {
+  size_t i = (!s.empty() && (s[0] == '+' || s[0] == '-')) ? 1 : 0;
+  const size_t b = i;
+  while (i < s.size() && is_digit(static_cast<unsigned char>(s[i]))) ++i;
+  if (i == b || i - b > 3) return false;
+  size_t groups = 0;
+  while (i + 3 < s.size() && s[i] == ',' && is_digit(static_cast<unsigned char>(s[i + 1])) &&
+         is_digit(static_cast<unsigned char>(s[i + 2])) && is_digit(static_cast<unsigned char>(s[i + 3])) &&
+         (i + 4 == s.size() || !is_digit(static_cast<unsigned char>(s[i + 4])))) {
+    i += 4;
+    ++groups;
+  }
+  if (groups == 0) return false;
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    while (i < s.size() && is_digit(static_cast<unsigned char>(s[i]))) ++i;
+  }
+  return i == s.size();
 }
 
 // R8: writes s to p, a plain decimal number normalised; returns the length written (at most
@@ -295,19 +332,27 @@ std::string_view one_pass(std::string_view in, std::string& out, Scratch& sc) {
   while (s.size() >= 2 && s.front() == '$' && s.back() == '$')                 // R2
     s = trim(s.substr(1, s.size() - 2));
   // R3 and R5 need a backslash, R4 whitespace; most answers have neither.
-  bool has_backslash = false, has_space = false;
-  for (const char c : s) {
-    has_backslash |= c == '\\';
-    has_space |= is_space(static_cast<unsigned char>(c));
+  bool has_backslash = false, has_space = false, has_degree_sign = false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    has_backslash |= s[i] == '\\';
+    has_space |= is_space(static_cast<unsigned char>(s[i]));
+    has_degree_sign |= degree_sign_at(s, i);
   }
   if (has_backslash) s = rewrite_commands(s, sc);                              // R3
   if (has_space) s = squeeze_whitespace(s, sc);                                // R4
-  if (has_backslash && sc.saw_circ) s = strip_degrees(s, sc);                  // R5
+  if ((has_backslash && sc.saw_circ) || has_degree_sign) s = strip_degrees(s, sc);  // R5
   while (!s.empty() && s.back() == '.' && !(s.size() >= 2 && s[s.size() - 2] == '\\'))  // R6
     s.remove_suffix(1);
-  if (s.size() >= 3 && is_alpha(static_cast<unsigned char>(s[0])) && s[1] == '=')  // R7
+  if (s.size() >= 3 && is_alpha(static_cast<unsigned char>(s[0])) && s[1] == '=' &&  // R7
+      s.find('=', 2) == std::string_view::npos)
     s.remove_prefix(2);
   char* p = begin_buffer(out, s.size());                                       // R8
+  if (has_thousands(s)) {
+    std::string digits;
+    for (const char c : s)
+      if (c != ',') digits.push_back(c);
+    return std::string_view(p, write_normalized(digits, p));
+  }
   return std::string_view(p, write_normalized(s, p));
 }
 

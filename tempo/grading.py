@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
+from tempo import vote
+
 SYMBOLIC_TIMEOUT_S = 5.0
 # Longer answers that differ as strings are judged different without parsing: parsing a 1 MB
 # or 100k-digit "answer" costs time and proves nothing (Python's int() refuses > 4300 digits).
@@ -93,29 +95,11 @@ def extract_answer(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------
 # Normalisation and the fast paths
 
-_REWRITES = [
-    (re.compile(r"\\(?:left|right)(?![a-zA-Z])"), ""),
-    (re.compile(r"\\[!,;:]"), ""),
-    (re.compile(r"\\[dt]frac(?![a-zA-Z])"), r"\\frac"),
-    (re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"), r"\1"),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![a-zA-Z])"), ""),
-    (re.compile(r"\\\$"), ""),
-]
-# Whitespace matters only between a command and a letter ("\pi r"); drop it elsewhere.
-_SPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])|\s+")
-_ASSIGNMENT = re.compile(r"^[a-zA-Z]=(?=[^=]+$)")
-_TRAILING_ZEROS = re.compile(r"^(-?\d+)\.0+$")
-
-
 @lru_cache(maxsize=65536)
 def normalize_answer(s: str) -> str:
-    """Cheap, symbol-free rewriting that makes equal answers more often equal as strings."""
-    s = s.strip().strip("$")
-    for pattern, replacement in _REWRITES:
-        s = pattern.sub(replacement, s)
-    s = _SPACE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s.strip())
-    s = _ASSIGNMENT.sub("", s.rstrip("."))
-    return _TRAILING_ZEROS.sub(r"\1", s)
+    """An answer's canonical form ("" for none): the one rule table of `tempo.vote` (and its
+    C++ mirror), so that grading and voting never disagree about what is the same answer."""
+    return vote.canonicalize(s) or ""
 
 
 _NUMBER = re.compile(r"^-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^-?\.\d+$")

@@ -9,24 +9,25 @@ TEMPO_VOTE_BACKEND=python forces the fallback, =cpp requires the extension, =aut
 
 Canonicalisation rules (same table as csrc/vote_core.cpp). One pass applies R1..R8 in order;
 passes repeat until the string stops changing, at most 8. An empty result is "no answer".
-Rules match ASCII only; tokens are `\\` + letters (control word), `\\` + one other character,
+Rules match ASCII only (and the degree sign °); tokens are `\\` + letters (control word), `\\` + one other character,
 or one character. A removal never glues a control word to a following letter: one space
 separates them (`\\alpha\\!b` -> `\\alpha b`); that is the only space ever kept.
 
     R1   trim ASCII whitespace                              " 42\\n"          -> "42"
     R2   strip surrounding `$` pairs, repeatedly            "$$ x^2 $$"      -> "x^2"
     R3a  drop \\left, \\right (and the `.` of \\left. \\right.)  "\\left(1,2\\right)" -> "(1,2)"
-    R3b  drop \\! \\, \\; \\: \\<whitespace> \\quad \\qquad        "1\\,000"         -> "1000"
+    R3b  drop \\! \\, \\; \\: \\<whitespace> \\quad \\qquad \\$    "1\\,000"         -> "1000"
     R3c  \\dfrac, \\tfrac -> \\frac                            "\\dfrac{1}{2}"   -> "\\frac{1}{2}"
-    R3d  \\text{X} \\mathrm{X} \\textbf{X} -> X (matched braces) "\\text{cm}"      -> "cm"
+    R3d  \\text{X} \\mathrm{X} \\textbf{X} \\mbox{X} -> X (matched braces) "\\text{cm}" -> "cm"
     R4   drop whitespace runs                               "\\frac 1 2"      -> "\\frac12"
-    R5   drop degree marks ^\\circ, ^{\\circ}                 "30^{\\circ}"     -> "30"
+    R5   drop degree marks ^\\circ, ^{\\circ}, \\degree, °        "30^{\\circ}"     -> "30"
     R6   drop trailing `.` (not one after `\\`)              "5."             -> "5"
-    R7   drop a leading single-letter assignment `L=`       "x=5"            -> "5"
-    R8   normalise plain decimals: drop `+`, leading zeros, trailing fraction zeros, a bare `.`;
-         "-0" -> "0"                                        "007" -> "7", "12.00" -> "12", ".50" -> "0.5"
+    R7   drop a leading single-letter assignment `L=` (no   "x=5"            -> "5"
+         other `=` after it: an equation stays)
+    R8   normalise plain decimals: drop `+`, leading zeros, trailing fraction zeros, a bare `.`,
+         thousands separators (groups of 3); "-0" -> "0"  "007" -> "7", "12.00" -> "12", "1,000" -> "1000"
 
-Not handled here: thousands separators, `\\boxed`, tuple order. Symbolic equivalence (`0.5` vs
+Not handled here: `\\boxed`, tuple order. Symbolic equivalence (`0.5` vs
 `\\frac12`) is the second level, `merge_equivalent`, with a grader's callable.
 
 Hash: FNV-1a 64 of the canonical UTF-8 bytes as int64; 0 only for no answer.
@@ -99,9 +100,10 @@ _WS = " \t\n\r\v\f"
 _DEL_WS = str.maketrans("", "", _WS)
 _ALPHA = frozenset(string.ascii_letters)
 _TOKEN = re.compile(r"\\[A-Za-z]+|\\.|.", re.S)
-_SPACING = frozenset(["\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad"])
-_UNWRAP = frozenset(["\\text", "\\mathrm", "\\textbf"])
+_SPACING = frozenset(["\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\$"])
+_UNWRAP = frozenset(["\\text", "\\mathrm", "\\textbf", "\\mbox"])
 _NUMBER = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?")
+_THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
 _FNV_OFFSET, _FNV_PRIME, _MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 _ZERO_REMAP = 0x9E3779B97F4A7C15
 
@@ -169,7 +171,7 @@ def _squeeze_whitespace(s: str) -> str:  # R4
 
 
 def _strip_degrees(s: str) -> str:  # R5
-    if "\\circ" not in s:
+    if "\\circ" not in s and "\\degree" not in s and "°" not in s:
         return s
     toks = _TOKEN.findall(s)
     n = len(toks)
@@ -177,6 +179,9 @@ def _strip_degrees(s: str) -> str:  # R5
     k = 0
     while k < n:
         t = toks[k]
+        if t == "°" or t == "\\degree":
+            k += 1
+            continue
         if t == "^" and k + 1 < n:
             if toks[k + 1] == "\\circ":
                 k += 2
@@ -196,9 +201,11 @@ def _one_pass(s: str) -> str:
     s = _strip_degrees(_squeeze_whitespace(_rewrite_commands(s)))  # R3, R4, R5
     while s.endswith(".") and not (len(s) >= 2 and s[-2] == "\\"):  # R6
         s = s[:-1]
-    if len(s) >= 3 and s[0] in _ALPHA and s[1] == "=":  # R7
+    if len(s) >= 3 and s[0] in _ALPHA and s[1] == "=" and "=" not in s[2:]:  # R7
         s = s[2:]
-    m = _NUMBER.fullmatch(s)  # R8
+    if _THOUSANDS.fullmatch(s):  # R8
+        s = s.replace(",", "")
+    m = _NUMBER.fullmatch(s)
     if m is not None and (m.group(2) or m.group(3)):
         whole, frac = m.group(2).lstrip("0"), (m.group(3) or "").rstrip("0")
         sign = "-" if m.group(1) == "-" and (whole or frac) else ""
