@@ -24,11 +24,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/pytest -q
 
-# Benchmarks write their tables to benchmarks/results/ (liger-kernel is the loss baseline).
+# Benchmarks write their tables to benchmarks/results/ (liger-kernel is the loss baseline, TRL the
+# trainer baseline: both benchmark-only).
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps liger-kernel==0.8.5
 	$(BIN)/pytest -q -s benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/bench_vote.py
+	$(BIN)/pip install -q trl==1.16.0
+	$(BIN)/python benchmarks/bench_vs_trl.py
 
 compare: $(STAMP)
 	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,rlvr,ttrl,empo --seeds 0,1,2 \

@@ -89,6 +89,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
+    min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks force full length)
 
 
 @dataclass

@@ -179,8 +179,10 @@ class EMTrainer:
         labeled = batch.labeled_rows
         mb_size = cfg.train.micro_batch_size
 
-        scored = self.policy.infer(tokens, mb_size)
-        old_logp = scored["logp"]
+        # Fully on-policy (one mini-batch, one epoch), the log-probs before the update are those
+        # the M-step's own forward computes: no separate scoring pass (as verl does).
+        on_policy = update_policy and cfg.train.mini_batches == 1 and cfg.train.update_epochs == 1
+        scored = None if on_policy else self.policy.infer(tokens, mb_size)
         values = self.critic.infer(tokens, mb_size)["values"] if m.uses_critic else None
         if values is not None and not torch.isfinite(values * mask).all():
             # Rewards and advantages would be non-finite: neither model learns from this step.
@@ -205,16 +207,18 @@ class EMTrainer:
         stats["recalibrations"] = float(self.recalibrations)
 
         if update_policy:
-            tokens.extras = {"old_logp": old_logp, "advantages": advantages}
+            tokens.extras = {"advantages": advantages} | ({} if on_policy else {"old_logp": scored["logp"]})
             stats.update(self.m_step(tokens))
             self._account("policy", stats["actor/nonfinite"] > 0)
             self.models.engine.sync_weights(self.policy.export_weights())
 
         valid = mask.sum()
+        entropy = (stats.pop("actor/entropy_sum") / stats.pop("actor/tokens") if on_policy
+                   else float((scored["entropy"] * mask).sum() / valid))
         stats.update({
             "reward_mean": float(reward.mean()),
             "response_len": float(valid / len(mask)),
-            "entropy": float((scored["entropy"] * mask).sum() / valid),
+            "entropy": entropy,
             "no_answer_frac": float(sum(s.extracted is None for s in batch.grades) / len(batch.grades)),
         })
         return stats
@@ -270,9 +274,13 @@ class EMTrainer:
         a = self.cfg.algorithm
 
         def loss_fn(out, mb):
-            loss, stats = algorithm.policy_loss(out["logp"], mb.extras["old_logp"], mb.extras["advantages"],
+            old_logp = mb.extras.get("old_logp", out["logp"].detach())  # absent: on-policy
+            loss, stats = algorithm.policy_loss(out["logp"], old_logp, mb.extras["advantages"],
                                                 mb.response_mask, kind=a.policy_loss, clip_low=a.clip_low,
                                                 clip_high=a.clip_high, agg=a.loss_agg)
+            if "old_logp" not in mb.extras:  # the step's entropy, as sums (their ratio survives averaging)
+                stats |= {"entropy_sum": (out["entropy"].detach() * mb.response_mask).sum(),
+                          "tokens": mb.response_mask.sum()}
             return loss * mb.extras["share"].sum(), {"pg_loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
         stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)

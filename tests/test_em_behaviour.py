@@ -231,3 +231,23 @@ def test_a_critic_checkpoint_is_told_from_a_language_model(tmp_path, micro_model
     assert not has_value_head(micro_model)
     load_critic_module(micro_model, torch.float32, init_from_policy=True).save_pretrained(tmp_path / "critic")
     assert has_value_head(str(tmp_path / "critic"))
+
+
+def test_on_policy_m_step_without_a_scoring_pass_moves_the_policy_the_same(tmp_path, micro_model):
+    """One mini-batch, one epoch: the M-step's own forward gives the old log-probs; the update is
+    the one the separate scoring pass would have given."""
+    params = []
+    for skip in (True, False):
+        trainer = trainer_for(tmp_path / str(skip), micro_model, "train.mini_batches=1", "train.micro_batch_size=64")
+        rollouts, _ = trainer._roll(trainer.splits.unlabeled[:2], trainer.cfg.rollout.n)
+        tokens = rollouts.token_batch()
+        adv = torch.linspace(-1, 1, len(tokens))[:, None].expand_as(tokens.response_mask).contiguous()
+        tokens.extras = {"advantages": adv}
+        if not skip:
+            tokens.extras["old_logp"] = trainer.policy.infer(tokens, 64)["logp"]
+        stats = trainer.m_step(tokens)
+        assert ("actor/entropy_sum" in stats) == skip
+        params.append([p.detach().clone() for p in trainer.policy.module.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params))
+    assert any(not torch.equal(a, p) for a, p in zip(params[0], build_models(
+        trainer.cfg, micro_model, None, need_critic=False).policy.module.parameters()))

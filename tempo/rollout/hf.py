@@ -21,7 +21,8 @@ class HFRolloutEngine(RolloutEngine):
         # top_k=0 explicitly: generate's default (50) would truncate the distribution.
         return GenerationConfig(
             do_sample=True, temperature=temperature, top_p=self.cfg.top_p, top_k=0,
-            max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            max_new_tokens=self.cfg.max_new_tokens, min_new_tokens=self.cfg.min_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
