@@ -307,3 +307,36 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
                 assert mc[key][0][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{key} {metric}"
             else:
                 assert mc[key][0][metric] == value, f"{key} {metric}"
+
+
+def test_megatron_checkpoint_and_resume_under_torchrun(tmp_path):
+    """TP=2 under torchrun: every rank writes its optimiser shard and trainer state, rank 0 seals
+    the checkpoint; a run stopped after step 2 and resumed logs what an uninterrupted one does."""
+    from tempo.models.hf import load_critic_module
+    from tempo.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    policy = build_tiny_qwen3(BaseModelConfig(), vocab_size=len(tok), pad_id=tok.pad_token_id,
+                              eos_id=tok.eos_token_id)
+    policy.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    load_critic_module(str(tmp_path / "policy"), torch.float32, init_from_policy=True).save_pretrained(
+        tmp_path / "critic")
+    common = [f"model.policy_path={tmp_path / 'policy'}", f"model.critic_path={tmp_path / 'critic'}",
+              "eval.every=2", "stage1.steps=0", "stage1.critic_epochs=0", "train.prompts_per_step=4",
+              "train.labeled_per_step=2", "task.num_unlabeled=16", "eval.max_prompts=8", "rollout.max_new_tokens=24",
+              "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=1", "model.backend=megatron",
+              "model.tensor_parallel=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tempo.cli",
+              "train", *common]
+    for extra in (["train.steps=3", f"run.out_dir={tmp_path / 'whole'}"],
+                  ["train.steps=2", f"run.out_dir={tmp_path / 'parts'}"],
+                  ["train.steps=3", f"run.out_dir={tmp_path / 'parts'}", "--resume"]):
+        proc = subprocess.run(launch + extra, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    step3 = tmp_path / "parts" / "checkpoints" / "step_3"
+    assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt", "manifest.json"} <= {p.name for p in step3.iterdir()}
+    assert {"optimizer_tp0_pp0.pt", "optimizer_tp1_pp0.pt"} <= {p.name for p in (step3 / "policy").iterdir()}
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert (tmp_path / "parts" / "metrics.jsonl").read_text() == whole
