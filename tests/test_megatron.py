@@ -267,14 +267,8 @@ def read_records(path: Path) -> dict[tuple[int, str], list[dict]]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["model.tensor_parallel=2", "model.pipeline_parallel=2"])
-def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
-    """Two EM steps of the embedded task: rollouts, rewards, E- and M-step metrics as with HF.
-
-    A critic checkpoint is given so that neither backend draws from the sampling RNG while it
-    builds (the HF backend's fresh value head is randomly initialised before it is zeroed), and
-    both runs use one thread per process (torchrun's default), so rollouts are identical."""
+def save_policy_and_critic(tmp_path) -> None:
+    """The default tiny Qwen3 as `policy/` and a critic checkpoint with its zero head as `critic/`."""
     from tempo.models.hf import load_critic_module
     from tempo.tokenizer import char_tokenizer
 
@@ -285,6 +279,17 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
     tok.save_pretrained(tmp_path / "policy")
     load_critic_module(str(tmp_path / "policy"), torch.float32, init_from_policy=True).save_pretrained(
         tmp_path / "critic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["model.tensor_parallel=2", "model.pipeline_parallel=2"])
+def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
+    """Two EM steps of the embedded task: rollouts, rewards, E- and M-step metrics as with HF.
+
+    A critic checkpoint is given so that neither backend draws from the sampling RNG while it
+    builds (the HF backend's fresh value head is randomly initialised before it is zeroed), and
+    both runs use one thread per process (torchrun's default), so rollouts are identical."""
+    save_policy_and_critic(tmp_path)
     common = [f"model.policy_path={tmp_path / 'policy'}", f"model.critic_path={tmp_path / 'critic'}",
               "train.steps=2", "eval.every=2", "stage1.steps=0", "stage1.critic_epochs=0",
               "train.prompts_per_step=4", "train.labeled_per_step=2", "task.num_unlabeled=16",
@@ -312,16 +317,7 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
 def test_megatron_checkpoint_and_resume_under_torchrun(tmp_path):
     """TP=2 under torchrun: every rank writes its optimiser shard and trainer state, rank 0 seals
     the checkpoint; a run stopped after step 2 and resumed logs what an uninterrupted one does."""
-    from tempo.models.hf import load_critic_module
-    from tempo.tokenizer import char_tokenizer
-
-    tok = char_tokenizer()
-    policy = build_tiny_qwen3(BaseModelConfig(), vocab_size=len(tok), pad_id=tok.pad_token_id,
-                              eos_id=tok.eos_token_id)
-    policy.save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    load_critic_module(str(tmp_path / "policy"), torch.float32, init_from_policy=True).save_pretrained(
-        tmp_path / "critic")
+    save_policy_and_critic(tmp_path)
     common = [f"model.policy_path={tmp_path / 'policy'}", f"model.critic_path={tmp_path / 'critic'}",
               "eval.every=2", "stage1.steps=0", "stage1.critic_epochs=0", "train.prompts_per_step=4",
               "train.labeled_per_step=2", "task.num_unlabeled=16", "eval.max_prompts=8", "rollout.max_new_tokens=24",
