@@ -63,7 +63,8 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     select_kernels(cfg.model.kernels)
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine: vllm needs a GPU install (pip install .[gpu]); use hf on CPU")
-    for key, path in (("policy_path", policy_path), ("critic_path", critic_path if need_critic else None)):
+    given = {"policy_path": policy_path, "critic_path": critic_path if need_critic else None}
+    for key, path in given.items():
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.{key}: no Hugging Face checkpoint at {path}")
     from tempo.models.hf import load_policy_module
@@ -74,8 +75,8 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     if cfg.model.backend == "megatron":
         from tempo.models.megatron.model import init_parallel_for, load_model
 
-        init_parallel_for([policy_path] + ([critic_path] if need_critic and critic_path else []),
-                          cfg.model.tensor_parallel, cfg.model.pipeline_parallel, t.seed)
+        init_parallel_for([path for path in given.values() if path], cfg.model.tensor_parallel,
+                          cfg.model.pipeline_parallel, t.seed)
         policy = load_model(policy_path, "policy", dtype=dtype, optim=t.optim("policy"),
                             temperature=cfg.rollout.temperature)
         critic = load_model(critic_source, "critic", dtype=dtype, init_from_policy=new_head,

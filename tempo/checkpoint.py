@@ -52,13 +52,14 @@ def _files(directory: Path) -> list[Path]:
 
 def commit(tmp: Path, step: int, keep: int) -> Path:
     """Seal a fully written temporary checkpoint directory as `step_<step>` (rank 0 only)."""
+    files = _files(tmp)
     manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                                        for p in _files(tmp)}}
-    for p in _files(tmp):
+                                        for p in files}}
+    for p in files:
         _fsync(p)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / MANIFEST)
-    for d in sorted({p.parent for p in _files(tmp)} | {tmp}, key=lambda d: -len(d.parts)):
+    for d in sorted({p.parent for p in files} | {tmp}, key=lambda d: -len(d.parts)):
         _fsync(d)
     final = tmp.parent / f"{PREFIX}{step}"
     if final.exists():  # a checkpoint of this step left by an earlier life of the run
@@ -76,7 +77,7 @@ def commit(tmp: Path, step: int, keep: int) -> Path:
 def _prune(directory: Path, keep: int) -> None:
     if keep <= 0:
         return
-    for old in sorted(_steps(directory), key=lambda p: _step_of(p))[:-keep]:
+    for old in sorted(_steps(directory), key=_step_of)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
