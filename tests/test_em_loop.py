@@ -26,15 +26,20 @@ def micro_model(tmp_path_factory):
     return str(path)
 
 
-def micro_config(tmp_path, policy_path, *extra):
-    return load_config(None, [
+def micro_overrides(tmp_path, policy_path, *extra) -> list[str]:
+    """The overrides of a run on the micro model; later ones (`extra`) win."""
+    return [
         f"model.policy_path={policy_path}", f"run.out_dir={tmp_path / 'run'}", f"base_model.cache_dir={tmp_path / 'cache'}",
         "task.num_labeled=8", "task.num_unlabeled=8", "task.num_heldout=4", "task.min_ops=1", "task.max_ops=2",
         "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.labeled_per_step=2",
         "train.micro_batch_size=8", "train.steps=2", "eval.every=1", "eval.k=4", "eval.pass_k=2",
         "stage1.steps=1", "stage1.critic_epochs=1", "algorithm.filter_groups=false",
         "run.progress=false", "run.tensorboard=false", *extra,
-    ])
+    ]
+
+
+def micro_config(tmp_path, policy_path, *extra):
+    return load_config(None, micro_overrides(tmp_path, policy_path, *extra))
 
 
 def read(run_dir):

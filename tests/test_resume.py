@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tempo import algorithm, checkpoint
 from tempo.errors import NonFiniteError, ResumeError
 from tempo.train import train
-from test_em_loop import micro_config, micro_model, read  # noqa: F401 (fixture)
+from test_em_loop import micro_config, micro_model, micro_overrides, read  # noqa: F401 (fixture)
 
 STEPS = 4
 
@@ -41,12 +41,8 @@ KILLED_RUN = textwrap.dedent("""
 
 
 def overrides(tmp_path, policy, name, *extra):
-    return [f"model.policy_path={policy}", f"run.out_dir={tmp_path / name}", f"base_model.cache_dir={tmp_path / 'cache'}",
-            "task.num_labeled=8", "task.num_unlabeled=8", "task.num_heldout=4", "task.min_ops=1", "task.max_ops=2",
-            "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.labeled_per_step=2",
-            "train.micro_batch_size=8", f"train.steps={STEPS}", "eval.every=2", "eval.k=4", "eval.pass_k=2",
-            "stage1.steps=1", "stage1.critic_epochs=1", "algorithm.filter_groups=false", "run.checkpoint_every=1",
-            "run.progress=false", "run.tensorboard=false", *extra]
+    return micro_overrides(tmp_path, policy, f"run.out_dir={tmp_path / name}", f"train.steps={STEPS}", "eval.every=2",
+                           "run.checkpoint_every=1", *extra)
 
 
 @pytest.mark.parametrize("where", ["between-steps", "during-write"])
