@@ -69,7 +69,7 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
             raise ConfigError(f"model.{key}: no Hugging Face checkpoint at {path}")
     from tempo.models.hf import load_policy_module
 
-    dtype, t = DTYPES[cfg.model.dtype], cfg.train
+    dtype, t, share = DTYPES[cfg.model.dtype], cfg.train, cfg.model.share_prompts
     critic_source = critic_path or policy_path
     new_head = need_critic and not has_value_head(critic_source)
     if cfg.model.backend == "megatron":
@@ -87,11 +87,11 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         from tempo.models.hf import HFModel, load_critic_module
 
         policy = HFModel(load_policy_module(policy_path, dtype), "policy", t.optim("policy"),
-                         temperature=cfg.rollout.temperature)
+                         temperature=cfg.rollout.temperature, share_prompts=share)
         critic = HFModel(load_critic_module(critic_source, dtype, init_from_policy=new_head), "critic",
-                         t.optim("critic")) if need_critic else None
+                         t.optim("critic"), share_prompts=share) if need_critic else None
         sampler = policy.module  # generates with the policy's own module: weight sync is free
     from tempo.rollout.hf import HFRolloutEngine
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer), tokenizer)
+    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share), tokenizer)

@@ -80,6 +80,9 @@ class ModelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     kernels: str = "auto"  # auto | triton | torch | reference
+    # Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill,
+    # and in the HF backend's forward and backward (exact; Megatron runs every row)
+    share_prompts: bool = True
 
 
 @dataclass

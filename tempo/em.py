@@ -114,48 +114,60 @@ class EMTrainer:
     def _roll(self, problems: list[Problem], n: int) -> tuple[Rollouts, list[Grade]]:
         return roll(self.models, problems, n, self.cfg.data.template)
 
-    def _labeled_groups(self, want: int, stats: dict[str, float]) -> list[Batch]:
-        """Labeled groups with a signal, rolling out more prompts until `want` survive (capped)."""
-        n, a = self.cfg.rollout.n, self.cfg.algorithm
-        parts, kept, right, rolled = [], 0, 0, 0
-        while kept < want and stats["gen_batches"] < a.max_gen_batches:
-            problems = self.labeled.take(want - kept)
-            rollouts, grades = self._roll(problems, n)
-            stats["gen_batches"] += 1
-            right += sum(g.correct for g in grades)
-            rolled += len(grades)
-            keep = [i for i in range(len(problems))
-                    if not a.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
-            stats["dropped_groups"] += len(problems) - len(keep)
-            rows = torch.tensor([i * n + j for i in keep for j in range(n)], dtype=torch.long)
-            parts.append(Batch([problems[i] for i in keep], rollouts.select(rows),
-                               [grades[r] for r in rows.tolist()], torch.zeros(len(rows)), n))
-            kept += len(keep)
-        if rolled:  # accuracy over every labeled rollout, before groups without signal were dropped
-            stats["labeled_acc"] = right / rolled
-        return parts
+    def _labeled_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
+                        stats: dict[str, float]) -> Batch:
+        """The labeled groups with a signal (unless `algorithm.filter_groups` is off)."""
+        n = self.cfg.rollout.n
+        stats["labeled_right"] += sum(g.correct for g in grades)
+        stats["labeled_rolled"] += len(grades)
+        keep = [i for i in range(len(problems))
+                if not self.cfg.algorithm.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
+        stats["dropped_groups"] += len(problems) - len(keep)
+        rows = torch.tensor([i * n + j for i in keep for j in range(n)], dtype=torch.long)
+        return Batch([problems[i] for i in keep], rollouts.select(rows), [grades[r] for r in rows.tolist()],
+                     torch.zeros(len(rows)), n)
 
-    def _unlabeled_groups(self, want: int) -> Batch:
-        """D_U prompts; for TTRL, `vote_samples` responses vote and the first n are trained on."""
+    def _unlabeled_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
+                          votes: int) -> Batch:
+        """D_U groups: all `votes` responses score (TTRL votes), the first n are trained on."""
         n, source = self.cfg.rollout.n, self.method.unlabeled
-        votes = max(n, self.cfg.algorithm.vote_samples) if source.extra_votes else n
-        problems = self.unlabeled.take(want)
-        rollouts, grades = self._roll(problems, votes)
         self_reward = source.self_score(grades, votes) if source.self_score else torch.zeros(len(grades))
         rows = torch.tensor([i * votes + j for i in range(len(problems)) for j in range(n)], dtype=torch.long)
-        return Batch(problems, rollouts.select(rows), [grades[r] for r in rows.tolist()],
-                     self_reward[rows], n)
+        return Batch(problems, rollouts.select(rows), [grades[r] for r in rows.tolist()], self_reward[rows], n)
 
     def collect(self) -> tuple[Batch | None, dict[str, float]]:
-        cfg, m = self.cfg, self.method
+        cfg, m, n = self.cfg, self.method, self.cfg.rollout.n
         # RLVR draws the same labeled prompts a step as TEMPO and nothing else: the control for
         # "does the critic's reward on D_U help?"
         want_labeled = cfg.train.labeled_per_step if m.labeled_prompts else 0
         want_unlabeled = 0 if m.unlabeled is None else cfg.train.prompts_per_step - want_labeled
-        stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
-        parts = self._labeled_groups(want_labeled, stats)
-        if want_unlabeled:
-            parts.append(self._unlabeled_groups(want_unlabeled))
+        votes = max(n, cfg.algorithm.vote_samples) if m.unlabeled is not None and m.unlabeled.extra_votes else n
+        stats = {"gen_batches": 0.0, "dropped_groups": 0.0, "labeled_right": 0.0, "labeled_rolled": 0.0}
+        parts, kept = [], 0
+        labeled, unlabeled = self.labeled.take(want_labeled), self.unlabeled.take(want_unlabeled)
+        if unlabeled:
+            # The first labeled prompts ride in the unlabeled prompts' generate call when they
+            # want as many samples: the engine runs one large batch faster than two small ones.
+            ride, labeled = (labeled, []) if votes == n else ([], labeled)
+            rollouts, grades = self._roll(ride + unlabeled, votes)
+            cut = len(ride) * n
+            if ride:
+                stats["gen_batches"] += 1
+                parts.append(self._labeled_groups(ride, rollouts.select(torch.arange(cut)), grades[:cut], stats))
+                kept = len(parts[-1].problems)
+            parts.append(self._unlabeled_groups(unlabeled, rollouts.select(torch.arange(cut, len(grades))),
+                                                grades[cut:], votes))
+        # Labeled groups dropped for lack of signal are replaced by new prompts, up to a cap.
+        while (labeled or kept < want_labeled) and stats["gen_batches"] < cfg.algorithm.max_gen_batches:
+            labeled = labeled or self.labeled.take(want_labeled - kept)
+            rollouts, grades = self._roll(labeled, n)
+            stats["gen_batches"] += 1
+            parts.append(self._labeled_groups(labeled, rollouts, grades, stats))
+            kept += len(parts[-1].problems)
+            labeled = []
+        right, rolled = stats.pop("labeled_right"), stats.pop("labeled_rolled")
+        if rolled:  # accuracy over every labeled rollout, before groups without signal were dropped
+            stats["labeled_acc"] = right / rolled
         parts = [p for p in parts if p.problems]
         if not parts:  # every group was filtered out: nothing to learn from this step
             return None, stats
@@ -305,7 +317,8 @@ class EMTrainer:
         carrying its loss share."""
         for _ in range(epochs):
             for rows in torch.randperm(len(tokens), generator=self.shuffle).split(size):
-                mini = tokens.select(rows)
+                # In row order, a group's samples share micro-batches (and their prompt's forward).
+                mini = tokens.select(rows.sort().values)
                 mini.extras["share"] = algorithm.loss_shares(mini.response_mask, agg)
                 yield mini
 

@@ -161,16 +161,45 @@ def test_gspo_log_ratio_cap_keeps_a_runaway_ratio_finite():
 
 # -- TTRL's voters, drift ---------------------------------------------------------------------
 
+def record_generate_calls(trainer) -> list[tuple[int, int]]:
+    """(prompts, n) of every generate call the trainer makes from now on."""
+    calls, real = [], trainer.models.engine.generate
+    trainer.models.engine.generate = lambda texts, n, **kw: calls.append((len(texts), n)) or real(texts, n, **kw)
+    return calls
+
+
 def test_ttrl_votes_with_more_samples_than_it_trains_on(tmp_path, micro_model):
-    trainer = trainer_for(tmp_path, micro_model, "algorithm.vote_samples=8", "rollout.n=4", method="ttrl")
-    calls = []
-    real = trainer.models.engine.generate
-    trainer.models.engine.generate = lambda texts, n, **kw: calls.append(n) or real(texts, n, **kw)
-    batch = trainer._unlabeled_groups(2)
-    assert calls == [8]
+    trainer = trainer_for(tmp_path, micro_model, "algorithm.vote_samples=8", "rollout.n=4",
+                          "train.prompts_per_step=2", method="ttrl")
+    calls = record_generate_calls(trainer)
+    batch, _ = trainer.collect()
+    assert calls == [(2, 8)]
     assert len(batch.grades) == 2 * 4 and len(batch.self_reward) == 8
     # The reward of a trained row is its agreement with the majority of all 8 voters.
     assert set(batch.self_reward.tolist()) <= {0.0, 1.0}
+
+
+def test_tempo_rolls_labeled_and_unlabeled_prompts_in_one_call(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "train.prompts_per_step=4", "train.labeled_per_step=2")
+    calls = record_generate_calls(trainer)
+    batch, stats = trainer.collect()
+    assert calls == [(4, 4)] and stats["gen_batches"] == 1
+    assert [p.is_labeled for p in batch.problems] == [True, True, False, False]
+    assert batch.labeled_rows.tolist() == [True] * 8 + [False] * 8
+
+
+def test_dropped_labeled_groups_are_refilled_in_later_calls(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "train.prompts_per_step=4", "train.labeled_per_step=2",
+                          "algorithm.filter_groups=true", "algorithm.max_gen_batches=3")
+    calls = record_generate_calls(trainer)
+    batch, stats = trainer.collect()
+    # The first call carries both kinds; each refill only the labeled prompts still missing.
+    assert calls[0] == (4, 4) and all(n == 4 and k <= 2 for k, n in calls[1:])
+    assert stats["gen_batches"] == len(calls) <= 3
+    labeled = sum(p.is_labeled for p in batch.problems) if batch else 0
+    assert stats["dropped_groups"] == 2 + sum(k for k, _ in calls[1:]) - labeled
+    if len(calls) < 3:  # stopped early: every wanted labeled group was found
+        assert labeled == 2
 
 
 def test_drift_stats_by_hand():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, DynamicCache
 from transformers.utils import logging as hf_logging
 
 import tempo_kernels
@@ -46,21 +46,19 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
 
 
 class HFModel(TrainableLM):
-    def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0):
+    def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
+                 share_prompts: bool = False):
         assert kind in ("policy", "critic")
-        self.module, self.kind = module, kind
+        self.module, self.kind, self.share_prompts = module, kind, share_prompts
         self.temperature, self.grad_clip = temperature, optim.grad_clip
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=optim.betas)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
-        hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids()).last_hidden_state
         B, R = len(batch), batch.response_len
         # Response token t is scored from the state before it (position p predicts token p+1):
         # its log-prob, and its value V(x, y_<t), the critic's estimate before t is chosen.
-        h = hidden[:, -R - 1:-1]
+        h = self._scoring_states(batch)
         if self.kind == "critic":
             return {"values": self.module.score(h).squeeze(-1).float()}
         h = h.reshape(B * R, -1)
@@ -68,6 +66,31 @@ class HFModel(TrainableLM):
         logp, entropy = tempo_kernels.linear_logprob(h, self.module.lm_head.weight, labels,
                                                      self.temperature, with_entropy=True)
         return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
+
+    def _scoring_states(self, batch: TokenBatch) -> torch.Tensor:
+        """The trunk's hidden states at the R positions that score the response, [B, R, H]."""
+        trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
+        R = batch.response_len
+        P = batch.input_ids.shape[1] - R
+        positions = batch.position_ids()
+        prompts, inverse = torch.unique(torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1),
+                                        dim=0, return_inverse=True)
+        if not self.share_prompts or P == 0 or len(prompts) == len(batch):
+            hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=positions).last_hidden_state
+            return hidden[:, -R - 1:-1]
+        # The n responses of a prompt share it: run each distinct prompt once, give every row
+        # its prompt's keys and values (gradients add up through the index), then run the
+        # responses on top. Same function, P·(rows − prompts) fewer token-forwards.
+        cache = DynamicCache(config=trunk.config)
+        prompt_mask = prompts[:, P:]
+        head = trunk(input_ids=prompts[:, :P], attention_mask=prompt_mask,
+                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+                     use_cache=True).last_hidden_state
+        cache.batch_select_indices(inverse)
+        tail = trunk(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask,
+                     position_ids=positions[:, P:], past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.cat([head[inverse, -1:], tail[:, :-1]], 1)
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
         self.module.train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from tempo.config import RolloutConfig
 from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
@@ -13,9 +13,11 @@ from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
 class HFRolloutEngine(RolloutEngine):
     """Generates with the policy's own module, so weight sync after an M-step is free."""
 
-    def __init__(self, cfg: RolloutConfig, module: torch.nn.Module, tokenizer, batch_size: int = 1024):
+    def __init__(self, cfg: RolloutConfig, module: torch.nn.Module, tokenizer, batch_size: int = 1024,
+                 share_prompts: bool = True):
         super().__init__(cfg)
         self.module, self.tokenizer, self.batch_size = module, tokenizer, batch_size
+        self.share_prompts = share_prompts
 
     def _generation_config(self, temperature: float) -> GenerationConfig:
         # top_k=0 explicitly: generate's default (50) would truncate the distribution.
@@ -36,10 +38,13 @@ class HFRolloutEngine(RolloutEngine):
         prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
         gen_cfg = self._generation_config(temperature)
         rows = []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        per_call = max(1, self.batch_size // n)  # prompts per generate call
+        for start in range(0, len(prompts), per_call):
+            sl = slice(start * n, (start + per_call) * n)
+            cache = self._prompt_cache(enc.input_ids[start:start + per_call],
+                                       enc.attention_mask[start:start + per_call], n)
             out = self.module.generate(input_ids=prompt_ids[sl], attention_mask=prompt_mask[sl],
-                                       generation_config=gen_cfg)
+                                       generation_config=gen_cfg, past_key_values=cache)
             rows += out[:, prompt_ids.shape[1]:].tolist()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
@@ -47,6 +52,18 @@ class HFRolloutEngine(RolloutEngine):
         # No sampling log-probs: asking generate for them keeps [rows, tokens, vocab] logits, the
         # tensor the fused log-prob kernel exists to avoid; the trainer recomputes them anyway.
         return Rollouts(prompt_ids, prompt_mask, ids, mask, None, texts, truncated)
+
+    def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache | None:
+        """The KV cache of each prompt but its last token, computed once and repeated for its n
+        samples; generate then starts from the last prompt token (same tokens, same RNG draws)."""
+        if not self.share_prompts or n == 1 or ids.shape[1] < 2:
+            return None
+        cache = DynamicCache(config=self.module.config)
+        head, head_mask = ids[:, :-1], mask[:, :-1]
+        self.module.model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                          past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     @torch.no_grad()
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
