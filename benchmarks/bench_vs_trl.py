@@ -29,7 +29,7 @@ from datetime import date
 from pathlib import Path
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
-WARMUP, STEPS, REPS = 2, 5, 3
+WARMUP, STEPS, REPS = 2, 5, 5
 SIDES = ["trl", "rlvr", "ttrl", "tempo"]
 SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, ffn_size=768)
 OUT = Path(__file__).resolve().parent / "results" / "vs_trl_cpu.md"
@@ -54,7 +54,22 @@ def prompts() -> list:
     return splits.labeled, splits.unlabeled
 
 
-def run_ours(model: str, method: str) -> list[float]:
+def clock(phases: dict[str, float], obj, method: str, phase: str) -> None:
+    """Add the wall time of every call of obj.method to phases[phase]."""
+    real = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+
+    setattr(obj, method, timed)
+
+
+def run_ours(model: str, method: str) -> tuple[list[float], dict[str, float]]:
+    """Step times, and the timed steps' mean seconds per phase of a step."""
     from tempo.build import build_models
     from tempo.config import load_config
     from tempo.em import EMTrainer
@@ -69,17 +84,28 @@ def run_ours(model: str, method: str) -> list[float]:
         f"train.micro_batch_size={PROMPTS * SAMPLES}", "algorithm.recalibrate_every=1"])
     d_l, d_u = prompts()
     m = METHODS[method]
-    trainer = EMTrainer(cfg, m, build_models(cfg, model, None, need_critic=m.uses_critic),
-                        TaskSplits(labeled=d_l, unlabeled=d_u, heldout=[], stage1=[]))
+    models = build_models(cfg, model, None, need_critic=m.uses_critic)
+    trainer = EMTrainer(cfg, m, models, TaskSplits(labeled=d_l, unlabeled=d_u, heldout=[], stage1=[]))
+    phases: dict[str, float] = {}
+    clock(phases, models.engine, "generate", "rollout")
+    clock(phases, models.engine, "sync_weights", "sync")
+    clock(phases, models.policy, "infer", "old log-probs")
+    clock(phases, models.policy, "train_step", "M-step")
+    if models.critic is not None:
+        clock(phases, models.critic, "infer", "critic forward")
+        clock(phases, models.critic, "train_step", "E-step")
     times = []
-    for _ in range(WARMUP + STEPS):
+    for step in range(WARMUP + STEPS):
+        if step == WARMUP:
+            phases.clear()
         start = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - start)
-    return times[WARMUP:]
+    phases["other (grading, rewards, advantages)"] = sum(times[WARMUP:]) - sum(phases.values())
+    return times[WARMUP:], {k: v / STEPS for k, v in phases.items()}
 
 
-def run_trl(model: str) -> list[float]:
+def run_trl(model: str) -> tuple[list[float], dict[str, float]]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -108,13 +134,13 @@ def run_trl(model: str) -> list[float]:
         trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), reward_funcs=reward, args=args,
                               train_dataset=data, processing_class=tok, callbacks=[Clock()])
         trainer.train()
-    return times[WARMUP:]
+    return times[WARMUP:], {}
 
 
 def worker(side: str, model: str) -> None:
-    times = run_trl(model) if side == "trl" else run_ours(model, side)
+    times, phases = run_trl(model) if side == "trl" else run_ours(model, side)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"side": side, "times": times, "peak_mb": peak_mb}))
+    print("RESULT " + json.dumps({"side": side, "times": times, "phases": phases, "peak_mb": peak_mb}))
 
 
 def main() -> None:
@@ -137,12 +163,18 @@ def main() -> None:
                 print(f"rep {rep} {side}: median {statistics.median(results[side][-1]['times']):.3f} s/step", flush=True)
     tokens = PROMPTS * SAMPLES * NEW_TOKENS
     trl_median = statistics.median(t for r in results["trl"] for t in r["times"])
-    rows = []
+    rows, profile = [], []
     for side in SIDES:
         times = [t for r in results[side] for t in r["times"]]
         med = statistics.median(times)
+        per_process = ", ".join(f"{trl_median / statistics.median(r['times']):.2f}" for r in results[side])
         rows.append(f"| {side if side != 'trl' else 'TRL GRPOTrainer'} | {med:.3f} | {min(times):.3f} | {max(times):.3f} | "
-                    f"{tokens / med:.0f} | {trl_median / med:.2f}× | {max(r['peak_mb'] for r in results[side]):.0f} |")
+                    f"{tokens / med:.0f} | {trl_median / med:.2f}× | {per_process} | "
+                    f"{max(r['peak_mb'] for r in results[side]):.0f} |")
+        if side != "trl":
+            phases = {k: statistics.mean(r["phases"][k] for r in results[side]) for k in results[side][0]["phases"]}
+            total = sum(phases.values())
+            profile.append(f"| {side} | " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in phases.items()) + " |")
     load = os.getloadavg()[0]
     OUT.write_text("\n".join([
         "# This trainer vs TRL's GRPOTrainer, side by side on CPU",
@@ -154,12 +186,21 @@ def main() -> None:
         f"{STEPS} timed steps each after {WARMUP} warm-up.",
         f"Command: `python benchmarks/bench_vs_trl.py`",
         "",
-        "| side | median s/step | min | max | completion tokens/s | vs TRL (tokens/s) | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| side | median s/step | min | max | completion tokens/s | vs TRL (tokens/s) | each process vs TRL | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "rlvr: 8 labeled prompts; ttrl: 8 unlabeled prompts, majority-vote reward; tempo: 2 labeled + 6 unlabeled, "
-        "critic forward, E-step and M-step included.",
+        "Where this trainer's step goes (mean seconds per timed step, over the processes):",
+        "",
+        "| side | phases |",
+        "|---|---|",
+        *profile,
+        "",
+        "rlvr: 8 labeled prompts, verified reward, and like TEMPO a critic (advantage R − V, an E-step every step): "
+        "TRL's work plus a critic's forward and update; ttrl: 8 unlabeled prompts, majority-vote reward, GRPO; "
+        "tempo: 2 labeled + 6 unlabeled, critic forward, E-step and M-step included. This trainer runs each "
+        "prompt once for its 8 samples (`model.share_prompts`, in the rollout's prefill and in the forward and "
+        "backward of both models); TRL runs every row in full.",
         "",
     ]))
     print(OUT.read_text())
