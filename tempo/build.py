@@ -77,10 +77,11 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
 
         init_parallel_for([path for path in given.values() if path], cfg.model.tensor_parallel,
                           cfg.model.pipeline_parallel, t.seed)
-        policy = load_model(policy_path, "policy", dtype=dtype, optim=t.optim("policy"),
-                            temperature=cfg.rollout.temperature)
-        critic = load_model(critic_source, "critic", dtype=dtype, init_from_policy=new_head,
-                            optim=t.optim("critic")) if need_critic else None
+        layout = dict(dtype=dtype, sequence_parallel=cfg.model.sequence_parallel, recompute=cfg.model.recompute)
+        policy = load_model(policy_path, "policy", optim=t.optim("policy"), temperature=cfg.rollout.temperature,
+                            **layout)
+        critic = load_model(critic_source, "critic", init_from_policy=new_head, optim=t.optim("critic"),
+                            **layout) if need_critic else None
         # The engine samples with its own copy of the policy, refreshed from export_weights().
         sampler = load_policy_module(policy_path, dtype)
     else:

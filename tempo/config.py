@@ -79,6 +79,8 @@ class ModelConfig:
     dtype: str = "float32"
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    sequence_parallel: bool = False  # megatron, TP > 1: tokens outside attention split over the TP group
+    recompute: str = "none"  # megatron activation recomputation: none | selective (core attention) | full
     kernels: str = "auto"  # auto | triton | torch | reference
     # Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill,
     # and in the HF backend's forward and backward (exact; Megatron runs every row)
@@ -193,6 +195,7 @@ _CHOICES = {
     ("data", "source"): ("embedded", "files"),
     ("data", "template"): ("raw", "plain", "chat"),
     ("model", "backend"): ("hf", "megatron"),
+    ("model", "recompute"): ("none", "selective", "full"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("model", "kernels"): ("auto", "triton", "torch", "reference"),
     ("rollout", "engine"): ("hf", "vllm"),
@@ -334,6 +337,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.update_epochs: must be positive")
     if cfg.model.tensor_parallel < 1 or cfg.model.pipeline_parallel < 1:
         raise ConfigError("model.tensor_parallel / model.pipeline_parallel: must be at least 1")
+    if cfg.model.sequence_parallel and (cfg.model.backend != "megatron" or cfg.model.tensor_parallel < 2):
+        raise ConfigError("model.sequence_parallel: needs model.backend=megatron and model.tensor_parallel >= 2")
+    if cfg.model.recompute != "none" and cfg.model.backend != "megatron":
+        raise ConfigError("model.recompute: megatron only (model.backend=megatron)")
     for key in ("checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.run, key) < 0:
             raise ConfigError(f"run.{key}: must be 0 or more")

@@ -1,11 +1,13 @@
-"""Megatron-core backend (tempo.models.megatron) on the tiny Qwen3, CPU and gloo.
+"""Megatron-core backend (tempo.models.megatron) on tiny Qwen3 and OLMo3 models, CPU and gloo.
 
 In-process: HF <-> megatron weight mapping and TP shards, layout errors (no process is
 launched). Under torchrun (tests/torchrun_megatron.py): one process at TP=1 against the HF
-backend (logits, log-probs, values, one optimiser step), then two processes at TP=2, PP=2
-and DP=2 against TP=1 (same outputs, loss, grad norm and HF-named weights after one step),
-for a tied-embedding policy (vocabulary 98) and an untied one whose vocabulary (97) TP=2
-has to pad. The optimiser step uses lr 1e-4: Adam's first step is lr·g/(|g|+eps), so entries
+backend (logits, log-probs, values, one optimiser step) and with activation recomputation
+(selective, full) against without; then two processes at TP=2, PP=2, DP=2 and TP=2 with
+sequence parallelism against TP=1 (same outputs, loss, grad norm and HF-named weights after
+one step). Models: a Qwen3 policy with tied embeddings (vocabulary 98), an untied one whose
+vocabulary (97) TP=2 has to pad, and an OLMo3 (post-norms, full-width q/k norms, a sliding
+window of 4 on three of four layers, YaRN on the fourth) with its own critic. The optimiser step uses lr 1e-4: Adam's first step is lr·g/(|g|+eps), so entries
 whose gradient is a few eps from zero turn 1e-10 rounding differences between layouts into a
 fraction of lr (measured: 2.7e-5 at lr 1e-3, 2.7e-6 at lr 1e-4).
 """
@@ -32,8 +34,27 @@ sys.path.insert(0, str(WORKER.parent))
 from torchrun_megatron import token_batch  # noqa: E402
 
 TOL = 1e-5
-POLICIES = ("tied", "untied")  # worker index 0 and 1
-LAYOUTS = ("2x1x1", "1x2x1", "1x1x2")  # tp x pp x dp, two processes
+POLICIES = ("tied", "untied", "olmo3")  # worker index 0, 1, 2
+CRITICS = ("critic", "critic", "olmo3_critic")
+LAYOUTS = ("2x1x1", "1x2x1", "1x1x2", "2x1x1,sp")  # tp x pp x dp[,option], two processes
+
+
+def tiny_olmo3(vocab_size: int = 97):
+    """4 layers (sliding, sliding, sliding, full), window 4 < the test's 13 tokens, YaRN on the
+    full layer, and norm weights away from 1 so that a misplaced norm shows."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    cfg = Olmo3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1,
+                      rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32})
+    torch.manual_seed(3)
+    model = Olmo3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
 
 
 # -- checkpoints and launches -----------------------------------------------------------------
@@ -41,6 +62,8 @@ LAYOUTS = ("2x1x1", "1x2x1", "1x1x2")  # tp x pp x dp, two processes
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
+
+    import tempo.models.hf  # noqa: F401 (registers the OLMo3 critic class)
 
     root = tmp_path_factory.mktemp("megatron")
     base = BaseModelConfig()
@@ -63,6 +86,19 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     torch.nn.init.normal_(critic.score.bias, std=0.1)
     critic.save_pretrained(root / "critic")
     out["critic"] = root / "critic"
+    olmo = tiny_olmo3()
+    olmo.save_pretrained(root / "olmo3")
+    out["olmo3"] = root / "olmo3"
+    cfg = olmo.config
+    cfg.num_labels = 1
+    torch.manual_seed(4)
+    critic = AutoModelForTokenClassification.from_config(cfg)  # tempo's Olmo3ForTokenClassification
+    with torch.no_grad():
+        critic.model.load_state_dict(olmo.model.state_dict())
+        torch.nn.init.normal_(critic.score.weight, std=0.1)
+        torch.nn.init.normal_(critic.score.bias, std=0.1)
+    critic.save_pretrained(root / "olmo3_critic")
+    out["olmo3_critic"] = root / "olmo3_critic"
     out["root"] = root
     return out
 
@@ -77,28 +113,31 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
 
 def launch(ckpts, name: str, nproc: int, *args: str) -> dict:
     out = ckpts["root"] / f"{name}.pt"
-    torchrun(nproc, "--policy", str(ckpts["tied"]), str(ckpts["untied"]), "--critic", str(ckpts["critic"]),
+    torchrun(nproc, "--policy", *(str(ckpts[p]) for p in POLICIES), "--critic", *(str(ckpts[c]) for c in CRITICS),
              "--out", str(out), *args)
     return torch.load(out, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def one_process(ckpts) -> dict:
-    """TP=1 megatron and the HF backend, same batch, same steps."""
-    return launch(ckpts, "one", 1, "--layouts", "1,1", "--reference")
+    """TP=1 megatron (recomputing activations or not) and the HF backend, same batch, same steps."""
+    return launch(ckpts, "one", 1, "--layouts", "1,1", "1,1,selective", "1,1,full", "--reference")
 
 
 @pytest.fixture(scope="module")
 def two_processes(ckpts) -> dict:
-    """TP=2, PP=2 and DP=2 on two processes; models saved; export in many small buckets."""
-    return launch(ckpts, "two", 2, "--layouts", "2,1", "1,2", "1,1", "--save", str(ckpts["root"] / "saved"),
+    """TP=2, PP=2, DP=2 and TP=2 with SP on two processes; models saved; export in many small buckets."""
+    return launch(ckpts, "two", 2, "--layouts", "2,1", "1,2", "1,1", "2,1,sp", "--save", str(ckpts["root"] / "saved"),
                   "--bucket-bytes", "65536")
 
 
 def assert_same_run(got: dict, ref: dict, tol: float = TOL) -> None:
+    # Padding columns are never read; under a sliding window some have no key to attend to,
+    # and each implementation fills those rows its own way.
+    valid = token_batch().response_mask.bool()
     for part in ("policy_infer", "critic_infer", "policy_infer_after"):
         for key in ref[part]:
-            diff = (got[part][key] - ref[part][key]).abs().max().item()
+            diff = (got[part][key] - ref[part][key])[valid].abs().max().item()
             assert diff < tol, f"{part}/{key} differs by {diff}"
     for part in ("policy_step", "critic_step"):
         for key, value in ref[part].items():
@@ -118,19 +157,21 @@ def hf_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("which,kind", [("tied", "policy"), ("untied", "policy"), ("critic", "critic")])
+@pytest.mark.parametrize("which,kind", [("tied", "policy"), ("untied", "policy"), ("critic", "critic"),
+                                        ("olmo3", "policy"), ("olmo3_critic", "critic")])
 def test_hf_megatron_hf_round_trip_is_exact(ckpts, which, kind):
     from transformers import AutoConfig
 
-    shape = convert.Qwen3Shape.from_hf(AutoConfig.from_pretrained(ckpts[which]))
+    shape = convert.ModelShape.from_hf(AutoConfig.from_pretrained(ckpts[which]))
     hf = hf_state(ckpts[which])
     mcore = convert.hf_to_mcore(hf, shape, kind)
     qkv = mcore["decoder.layers.0.self_attention.linear_qkv.weight"]
-    assert qkv.shape == ((4 + 2 * 2) * 32, 128)
+    hd = shape.head_dim
+    assert qkv.shape == ((4 + 2 * 2) * hd, shape.hidden_size)
     # Query group 0 = query heads 0-1, then key head 0, then value head 0.
-    assert torch.equal(qkv[:64], hf["model.layers.0.self_attn.q_proj.weight"][:64])
-    assert torch.equal(qkv[64:96], hf["model.layers.0.self_attn.k_proj.weight"][:32])
-    assert torch.equal(qkv[96:128], hf["model.layers.0.self_attn.v_proj.weight"][:32])
+    assert torch.equal(qkv[:2 * hd], hf["model.layers.0.self_attn.q_proj.weight"][:2 * hd])
+    assert torch.equal(qkv[2 * hd:3 * hd], hf["model.layers.0.self_attn.k_proj.weight"][:hd])
+    assert torch.equal(qkv[3 * hd:4 * hd], hf["model.layers.0.self_attn.v_proj.weight"][:hd])
     back = convert.mcore_to_hf(mcore, shape, kind)
     if kind == "policy" and shape.tied:
         hf = {**hf, "lm_head.weight": hf["model.embed_tokens.weight"]}
@@ -139,23 +180,30 @@ def test_hf_megatron_hf_round_trip_is_exact(ckpts, which, kind):
         assert torch.equal(back[name], tensor), name
 
 
+@pytest.mark.parametrize("which", ["untied", "olmo3"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_tensor_parallel_shards_round_trip(ckpts, tp):
+def test_tensor_parallel_shards_round_trip(ckpts, which, tp):
     from transformers import AutoConfig
 
-    shape = convert.Qwen3Shape.from_hf(AutoConfig.from_pretrained(ckpts["untied"]))
-    mcore = convert.hf_to_mcore(hf_state(ckpts["untied"]), shape, "policy")
+    shape = convert.ModelShape.from_hf(AutoConfig.from_pretrained(ckpts[which]))
+    mcore = convert.hf_to_mcore(hf_state(ckpts[which]), shape, "policy")
     for name, full in mcore.items():
-        shards = [convert.shard(name, full, r, tp) for r in range(tp)]
+        shards = [convert.shard(name, shape, full, r, tp) for r in range(tp)]
         padded = convert.full_shape(name, shape, tp)
-        assert convert.unshard(name, shards)[: full.shape[0]].equal(full), name
-        assert tuple(convert.unshard(name, shards).shape) == padded, name
-    if tp == 2:  # each rank's fc1 holds its slice of gate, then its slice of up
+        assert convert.unshard(name, shape, shards)[: full.shape[0]].equal(full), name
+        assert tuple(convert.unshard(name, shape, shards).shape) == padded, name
+    if tp == 2 and which == "untied":  # each rank's fc1 holds its slice of gate, then its slice of up
         fc1 = mcore["decoder.layers.0.mlp.linear_fc1.weight"]
-        rank1 = convert.shard("decoder.layers.0.mlp.linear_fc1.weight", fc1, 1, 2)
+        rank1 = convert.shard("decoder.layers.0.mlp.linear_fc1.weight", shape, fc1, 1, 2)
         assert torch.equal(rank1[:192], fc1[192:384]) and torch.equal(rank1[192:], fc1[576:])
-        emb = convert.shard("embedding.word_embeddings.weight", mcore["embedding.word_embeddings.weight"], 1, 2)
+        emb = convert.shard("embedding.word_embeddings.weight", shape, mcore["embedding.word_embeddings.weight"], 1, 2)
         assert emb.shape[0] == 49 and emb[-1].abs().sum() == 0  # 97 rows padded to 98
+    if tp == 2 and which == "olmo3":  # full-width q/k norms split by heads: rank 1 holds heads 2-3 (k: head 1)
+        q = mcore["decoder.layers.0.self_attention.q_layernorm.weight"]
+        k = mcore["decoder.layers.0.self_attention.k_layernorm.weight"]
+        assert q.shape == (4 * 16,) and k.shape == (2 * 16,)
+        assert torch.equal(convert.shard("decoder.layers.0.self_attention.q_layernorm.weight", shape, q, 1, 2), q[32:])
+        assert torch.equal(convert.shard("decoder.layers.0.self_attention.k_layernorm.weight", shape, k, 1, 2), k[16:])
 
 
 # -- clear errors before any process-group work ------------------------------------------------
@@ -195,12 +243,12 @@ def test_unsupported_architecture_is_a_config_error():
     from transformers import LlamaConfig
 
     with pytest.raises(ConfigError, match="model_type 'llama'"):
-        convert.Qwen3Shape.from_hf(LlamaConfig())
+        convert.ModelShape.from_hf(LlamaConfig())
 
 
 # -- one process: megatron TP=1 against the HF backend -------------------------------------------
 
-@pytest.mark.parametrize("policy", [0, 1])
+@pytest.mark.parametrize("policy", [0, 1, 2])
 def test_tp1_logits_match_hf(one_process, policy):
     run, hf = one_process[f"{policy}/1x1x1"], one_process[f"{policy}/hf"]
     real = token_batch().attention_mask.bool()  # padding positions are never read
@@ -209,9 +257,15 @@ def test_tp1_logits_match_hf(one_process, policy):
     assert diff < TOL
 
 
-@pytest.mark.parametrize("policy", [0, 1])
+@pytest.mark.parametrize("policy", [0, 1, 2])
 def test_tp1_step_matches_hf(one_process, policy):
     assert_same_run(one_process[f"{policy}/1x1x1"], one_process[f"{policy}/hf"])
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+@pytest.mark.parametrize("policy", [0, 2])
+def test_recomputed_activations_give_the_same_step(one_process, policy, recompute):
+    assert_same_run(one_process[f"{policy}/1x1x1,{recompute}"], one_process[f"{policy}/1x1x1"], tol=1e-6)
 
 
 def test_critic_from_policy_starts_at_zero_and_build_keeps_rng(one_process):
@@ -223,35 +277,36 @@ def test_critic_from_policy_starts_at_zero_and_build_keeps_rng(one_process):
 # -- two processes: TP=2, PP=2, DP=2 against TP=1 ------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("policy", [0, 1])
+@pytest.mark.parametrize("policy", [0, 1, 2])
 def test_two_process_layouts_match_tp1(one_process, two_processes, layout, policy):
     assert_same_run(two_processes[f"{policy}/{layout}"], one_process[f"{policy}/1x1x1"])
 
 
-@pytest.mark.parametrize("layout", ["2x1", "1x2"])
-def test_saved_checkpoints_load_in_hf(ckpts, two_processes, layout):
+@pytest.mark.parametrize("policy,layout", [(1, "2x1"), (1, "1x2"), (2, "2x1,sp"), (2, "1x2")])
+def test_saved_checkpoints_load_in_hf(ckpts, two_processes, policy, layout):
     from transformers import AutoModelForCausalLM
 
     from tempo.models.hf import load_critic_module
 
-    saved = ckpts["root"] / "saved" / "1" / layout
-    run = two_processes[f"1/{layout}x1"]
+    saved = ckpts["root"] / "saved" / str(policy) / layout
+    tp, pp = map(int, layout.split(",")[0].split("x"))
+    run = two_processes[f"{policy}/{tp}x{pp}x1" + layout[3:]]
     policy = AutoModelForCausalLM.from_pretrained(saved / "policy").state_dict()
     for name, value in run["policy_weights"].items():
         assert torch.equal(policy[name], value), name
     critic = load_critic_module(str(saved / "critic"), torch.float32, init_from_policy=False).state_dict()
     for name, value in run["critic_weights"].items():
         assert torch.equal(critic[name], value), name
-    tp, pp = map(int, layout.split("x"))
     assert sorted(p.name for p in (saved / "policy").glob("optimizer_*.pt")) == sorted(
         f"optimizer_tp{t}_pp{p}.pt" for t in range(tp) for p in range(pp))
 
 
 @pytest.mark.slow
 def test_tp2_pp2_four_processes_match_tp1(ckpts, one_process):
-    out = launch(ckpts, "four", 4, "--layouts", "2,2")
-    for policy in (0, 1):
-        assert_same_run(out[f"{policy}/2x2x1"], one_process[f"{policy}/1x1x1"])
+    out = launch(ckpts, "four", 4, "--layouts", "2,2", "2,2,sp")
+    for policy in range(len(POLICIES)):
+        for layout in ("2x2x1", "2x2x1,sp"):
+            assert_same_run(out[f"{policy}/{layout}"], one_process[f"{policy}/1x1x1"])
 
 
 # -- the EM loop under torchrun against the HF backend ----------------------------------------------

@@ -1,13 +1,14 @@
-"""Launched by tests/test_megatron.py under torchrun: the Megatron backend on the tiny Qwen3.
+"""Launched by tests/test_megatron.py under torchrun: the Megatron backend on tiny Qwen3/OLMo3.
 
-For each layout (tp,pp; data parallel is what the world size leaves) it builds the policy and
-the critic from HF checkpoints, scores a fixed token batch, takes one optimiser step of each
-with a fixed loss, gathers the HF-named weights and saves both models; rank 0 writes every
-number to --out (torch.save). With --reference (one process) it also records the same steps
-through the Hugging Face backend and the full logits of both backends.
+For each layout (tp,pp[,option]; data parallel is what the world size leaves; option: sp for
+sequence parallelism, selective or full for activation recomputation) it builds the policy
+and the critic from HF checkpoints, scores a fixed token batch, takes one optimiser step of
+each with a fixed loss, gathers the HF-named weights and saves both models; rank 0 writes
+every number to --out (torch.save). With --reference (one process) it also records the same
+steps through the Hugging Face backend and the full logits of both backends.
 
-    torchrun --nproc_per_node 2 tests/torchrun_megatron.py --policy P [P2 ...] --critic C \
-        --out F --layouts 2,1 1,2 1,1
+    torchrun --nproc_per_node 2 tests/torchrun_megatron.py --policy P [P2 ...] --critic C [C2 ...] \
+        --out F --layouts 2,1 1,2 1,1 2,1,sp
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     p = argparse.ArgumentParser()
     p.add_argument("--policy", nargs="+", required=True, help="one or more policy checkpoints")
-    p.add_argument("--critic", required=True)
+    p.add_argument("--critic", nargs="+", required=True, help="one critic for all policies, or one for each")
     p.add_argument("--out", required=True)
     p.add_argument("--save", default="", help="save the models of each layout under this folder")
     p.add_argument("--layouts", nargs="+", default=["1,1"])
@@ -100,6 +101,9 @@ def main() -> None:
     p.add_argument("--reference", action="store_true")
     args = p.parse_args()
 
+    from transformers import AutoConfig
+
+    from tempo.models.megatron.convert import ModelShape
     from tempo.models.megatron.model import load_model
     from tempo.models.megatron.parallel import check_layout, init_parallel, launched_world_size
 
@@ -107,14 +111,18 @@ def main() -> None:
     results = {}
     kw = dict(dtype=torch.float32, optim=OPTIM)
     for i, policy_path in enumerate(args.policy):
+        critic_path = args.critic[i if len(args.critic) > 1 else 0]
+        s = ModelShape.from_hf(AutoConfig.from_pretrained(policy_path))
         for text in args.layouts:
-            tp, pp = map(int, text.split(","))
-            layout = check_layout(tp, pp, launched_world_size(), num_heads=4, num_kv_heads=2, num_layers=4,
-                                  ffn_size=384)
+            tp, pp, *option = text.split(",")
+            tp, pp, option = int(tp), int(pp), option[0] if option else ""
+            layout = check_layout(tp, pp, launched_world_size(), num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                                  num_layers=s.num_layers, ffn_size=s.ffn_size)
             init_parallel(layout, seed=0)
             torch.manual_seed(0)
-            policy = load_model(policy_path, "policy", **kw)
-            critic = load_model(args.critic, "critic", **kw)
+            parts = dict(sequence_parallel=option == "sp", recompute=option if option in ("selective", "full") else "none")
+            policy = load_model(policy_path, "policy", **kw, **parts)
+            critic = load_model(critic_path, "critic", **kw, **parts)
             if args.bucket_bytes:
                 policy.export_bucket_bytes = critic.export_bucket_bytes = args.bucket_bytes
             res = {"rng_after_build": torch.get_rng_state()}
@@ -123,12 +131,13 @@ def main() -> None:
                 zero = load_model(policy_path, "critic", init_from_policy=True, **kw)
                 res["zero_head_values"] = zero.infer(batch, MICRO_BATCH)["values"]
             res.update(run_steps(policy, critic, batch))
+            name = f"{tp}x{pp}" + (f",{option}" if option else "")
             if args.save:
-                policy.save(f"{args.save}/{i}/{tp}x{pp}/policy")
-                critic.save(f"{args.save}/{i}/{tp}x{pp}/critic")
-            results[f"{i}/{tp}x{pp}x{layout.dp}"] = res
+                policy.save(f"{args.save}/{i}/{name}/policy")
+                critic.save(f"{args.save}/{i}/{name}/critic")
+            results[f"{i}/{tp}x{pp}x{layout.dp}" + (f",{option}" if option else "")] = res
         if args.reference:
-            results[f"{i}/hf"] = hf_reference(policy_path, args.critic, batch)
+            results[f"{i}/hf"] = hf_reference(policy_path, critic_path, batch)
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     dist.barrier()

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, DynamicCache
+from transformers.modeling_layers import GenericForTokenClassification
+from transformers.models.olmo3 import Olmo3Config, Olmo3PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 import tempo_kernels
@@ -18,6 +20,14 @@ from tempo.config import Optim
 from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
 
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+class Olmo3ForTokenClassification(GenericForTokenClassification, Olmo3PreTrainedModel):
+    """The critic's class for OLMo3 (transformers has none): its trunk and a per-token head,
+    as every model's `...ForTokenClassification`."""
+
+
+AutoModelForTokenClassification.register(Olmo3Config, Olmo3ForTokenClassification, exist_ok=True)
 
 
 def load_policy_module(path: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -8,7 +8,8 @@ megatron-core assumes a GPU in a handful of places that a gloo run reaches:
   - `Tensor.cuda()` on the tied word embedding of a pipeline's last stage (before its
     first-to-last-stage all-reduce);
   - the CUDA RNG tracker (`megatron.core.tensor_parallel.random`), which we replace by one
-    that forks the CPU generator.
+    that forks the CPU generator, and the CUDA generator state that activation
+    recomputation saves and restores (there is none: the CPU generator is saved already).
 `install()` redirects each to the CPU. It refuses to run when CUDA is available, so a GPU run
 can never be silently rerouted, and it is idempotent.
 """
@@ -57,8 +58,11 @@ def install() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("tempo.models.megatron.cpu_compat is for CPU runs only")
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = _cpu_device
+    mrandom._get_cuda_rng_state = _no_sync
+    mrandom._set_cuda_rng_state = _no_sync
     torch.cuda.synchronize = _no_sync
     torch.Tensor.cuda = _tensor_cuda
     schedules.torch = _CpuTorch()

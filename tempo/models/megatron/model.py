@@ -1,11 +1,14 @@
-"""Megatron-core backend: the policy and the critic on a GPTModel, with TP, PP and DP.
+"""Megatron-core backend: the policy and the critic on a GPTModel, with TP, PP, DP and SP.
 
 Every rank runs the same EM loop on the same token batches. A `MegatronModel` holds this
 rank's pipeline stage (a `GPTModel` chunk; on the last stage also the head) and its optimiser:
 
-- forward: embeddings -> transformer layers -> final norm (megatron's modules; rotary angles
-  from the batch's position ids, so left-padded prompts see the positions HF gives them) ->
-  head on the last stage. Policy: per-token log-prob and entropy of the response from the
+- forward: embeddings -> transformer layers -> final norm (megatron's modules, Qwen3 or OLMo3
+  blocks from layers.py; rotary angles from the batch's position ids, so left-padded prompts
+  see the positions HF gives them) -> head on the last stage. Sequence parallelism
+  (`model.sequence_parallel`) splits the tokens outside attention across the TP group; the
+  last stage gathers them back before the head. Activation recomputation
+  (`model.recompute`): megatron's selective (core attention) or full (every layer). Policy: per-token log-prob and entropy of the response from the
   hidden states and the (vocabulary-sharded) LM head weight; with TP each rank reduces
   statistics of its vocabulary shard (max, sum-exp, target logit) across the TP group.
   Critic: a scalar `value_head`, replicated on the TP ranks, on every response token.
@@ -13,8 +16,9 @@ rank's pipeline stage (a `GPTModel` chunk; on the last stage also the head) and 
   the loop's loss function runs on the last stage. Data parallelism: DP replicas take
   micro-batches round-robin and their gradients are summed (the loop's losses are already
   weighted shares of the mini-batch).
-- gradients: DP all-reduce, TP all-reduce of the q/k norms (each TP rank sees its own heads),
-  first/last-stage all-reduce of a tied embedding; clipped by the global norm; AdamW.
+- gradients: DP all-reduce; TP all-reduce of the weights whose gradient each TP rank only
+  sees part of (Qwen3's per-head q/k norms; under SP every norm); first/last-stage all-reduce
+  of a tied embedding; clipped by the global norm; AdamW.
 - outputs (`infer`) and stats are all-reduced so that every rank gets the same numbers.
 - `export_weights` gathers TP shards and PP stages into HF-named full tensors on every rank,
   in buckets of bounded size: the HF rollout engine keeps its own copy.
@@ -35,22 +39,30 @@ import tempo_kernels
 from tempo.config import Optim
 from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, has_value_head
 from tempo.models.megatron import convert
-from tempo.models.megatron.convert import Qwen3Shape
+from tempo.models.megatron.convert import ModelShape
+from tempo.models.megatron.layers import block_spec
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected on CPU
     warnings.simplefilter("ignore")
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
     from megatron.core.transformer import TransformerConfig
 
 EXPORT_BUCKET_BYTES = 256 << 20
 OUTPUTS = {"policy": ("logp", "entropy"), "critic": ("values",)}
 
 
-def transformer_config(s: Qwen3Shape, tp: int, pp: int, dtype: torch.dtype) -> TransformerConfig:
-    """A Qwen3 block in megatron terms: GQA, q/k RMSNorm, SwiGLU, RMSNorm, no biases."""
+def transformer_config(s: ModelShape, tp: int, pp: int, dtype: torch.dtype, sequence_parallel: bool = False,
+                       recompute: str = "none") -> TransformerConfig:
+    """A Qwen3 or OLMo3 block in megatron terms: GQA, q/k RMSNorm, SwiGLU, RMSNorm, no biases;
+    OLMo3's sliding window as megatron's (left, right) window and per-layer flags."""
+    window = dict(window_size=(s.sliding_window - 1, 0), window_attn_skip_freq=[int(x) for x in s.sliding_layers]) \
+        if any(s.sliding_layers) else {}
+    recompute_args = {"selective": dict(recompute_granularity="selective"),
+                      "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+                      "none": {}}[recompute]
     return TransformerConfig(
         num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
         num_query_groups=s.num_kv_heads, kv_channels=s.head_dim, ffn_hidden_size=s.ffn_size,
@@ -63,15 +75,17 @@ def transformer_config(s: Qwen3Shape, tp: int, pp: int, dtype: torch.dtype) -> T
         variable_seq_lengths=True,  # micro-batches differ in rows and length: p2p sends shapes
         moe_token_dispatcher_type="alltoall",  # (no MoE; the default "allgather" rejects the line above)
         calculate_per_token_loss=True,  # the schedule leaves the loop's (already weighted) loss as is
+        sequence_parallel=sequence_parallel and tp > 1, **window, **recompute_args,
     )
 
 
-def layer_spec():
-    """Transformer Engine's spec on GPUs that have it, megatron's local modules otherwise.
+def layer_spec(s: ModelShape, layers: int, full_attention_scale: float):
+    """Transformer Engine's Qwen3 spec on GPUs that have it; our blocks (layers.py) otherwise,
+    and for OLMo3 always.
 
     The TE spec takes the same [b, 1, s, s] mask (arbitrary mask type); it is untested here
     (no GPU on the development machine)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and s.arch == "qwen3":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
             from megatron.core.transformer.enums import AttnMaskType
@@ -82,7 +96,7 @@ def layer_spec():
             return spec
         except ImportError:
             pass
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    return block_spec(s.arch, layers, full_attention_scale)
 
 
 def attention_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -98,12 +112,22 @@ def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.T
     return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
 
 
+def olmo3_rope(hf_config) -> tuple[list[torch.Tensor], float]:
+    """OLMo3: inverse frequencies of the sliding and of the full layers' rotary angles, and the
+    full layers' attention factor, from HF's own rope functions (YaRN included)."""
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
+
+    rope = Olmo3RotaryEmbedding(hf_config)
+    kinds = [k if hasattr(rope, f"{k}_inv_freq") else rope.layer_types[0] for k in ("sliding_attention", "full_attention")]
+    return [getattr(rope, f"{k}_inv_freq") for k in kinds], float(getattr(rope, f"{kinds[1]}_attention_scaling"))
+
+
 class Stage(torch.nn.Module):
     """This rank's pipeline stage: a GPTModel chunk, and the critic's value head on the last."""
 
-    def __init__(self, gpt: GPTModel, kind: str):
+    def __init__(self, gpt: GPTModel, kind: str, inv_freqs: list[torch.Tensor]):
         super().__init__()
-        self.gpt = gpt
+        self.gpt, self.inv_freqs = gpt, inv_freqs
         self.config, self.model_type = gpt.config, gpt.model_type  # read by the schedules
         self.value_head = None
         if kind == "critic" and gpt.post_process:
@@ -114,11 +138,16 @@ class Stage(torch.nn.Module):
         self.gpt.set_input_tensor(tensor)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [s, b, h] (after the final norm on the last stage)."""
+        """Hidden states [s, b, h] (after the final norm on the last stage; under SP, this TP
+        rank's tokens on the stages before)."""
         gpt = self.gpt
         x = gpt.embedding(input_ids=input_ids, position_ids=position_ids) if gpt.pre_process else None
-        rope = rotary_angles(position_ids, gpt.rotary_pos_emb.inv_freq)
-        return gpt.decoder(hidden_states=x, attention_mask=attention_mask(mask), rotary_pos_emb=rope)
+        rope = torch.cat([rotary_angles(position_ids, f) for f in self.inv_freqs], dim=-1)
+        hidden = gpt.decoder(hidden_states=x, attention_mask=attention_mask(mask), rotary_pos_emb=rope)
+        if gpt.post_process and self.config.sequence_parallel:
+            # Every TP rank's head runs on all tokens and gets the whole gradient: split it back.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden
 
 
 class _VocabParallelLogprob(torch.autograd.Function):
@@ -201,10 +230,11 @@ class HFCheckpoint:
 
 
 class MegatronModel(TrainableLM):
-    def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, optim: Optim, temperature: float = 1.0):
+    def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, optim: Optim, temperature: float = 1.0,
+                 sequence_parallel: bool = False, recompute: str = "none"):
         assert kind in ("policy", "critic")
         self.hf_config, self.kind = hf_config, kind
-        self.shape = s = Qwen3Shape.from_hf(hf_config)
+        self.shape = s = ModelShape.from_hf(hf_config)
         self.temperature, self.grad_clip = temperature, optim.grad_clip
         self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         self.dp = ps.get_data_parallel_world_size()
@@ -215,13 +245,16 @@ class MegatronModel(TrainableLM):
         self.layers_per_stage = s.num_layers // self.pp
         self.export_bucket_bytes = EXPORT_BUCKET_BYTES
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        config = transformer_config(s, self.tp, self.pp, dtype, sequence_parallel, recompute)
+        self.sequence_parallel = config.sequence_parallel
         with torch.random.fork_rng(devices=devices):  # building must not move the (shared) sampling RNG
-            gpt = GPTModel(config=transformer_config(s, self.tp, self.pp, dtype), transformer_layer_spec=layer_spec(),
+            inv_freqs, factor = olmo3_rope(hf_config) if s.arch == "olmo3" else (None, 1.0)
+            gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(s, self.layers_per_stage, factor ** 2),
                            vocab_size=s.padded_vocab(self.tp), max_sequence_length=s.max_positions,
                            pre_process=self.first, post_process=self.last, parallel_output=True,
                            share_embeddings_and_output_weights=self.tied, position_embedding_type="rope",
                            rotary_base=s.rope_theta)
-            self.stage = Stage(gpt, kind)
+            self.stage = Stage(gpt, kind, inv_freqs or [gpt.rotary_pos_emb.inv_freq])
         if torch.cuda.is_available():
             self.stage.cuda()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
@@ -245,13 +278,13 @@ class MegatronModel(TrainableLM):
     def load_hf(self, ckpt: HFCheckpoint, zero_head: bool) -> None:
         """Fill this rank's shards from an HF checkpoint; a missing (or `zero_head`) value head is zero."""
         for name, p in self.local_params().items():
-            if name.startswith("value_head.") and (zero_head or convert.hf_names(name)[0] not in ckpt):
+            if name.startswith("value_head.") and (zero_head or convert.hf_names(name, self.shape)[0] not in ckpt):
                 p.zero_()
                 continue
             # A tied LM head's copy on the last pipeline stage is the word embedding.
             source = "embedding.word_embeddings.weight" if name == "output_layer.weight" and self.tied else name
-            full = convert.to_mcore(source, [ckpt[h] for h in convert.hf_names(source)], self.shape)
-            p.copy_(convert.shard(name, full, self.tp_rank, self.tp))
+            full = convert.to_mcore(source, [ckpt[h] for h in convert.hf_names(source, self.shape)], self.shape)
+            p.copy_(convert.shard(name, self.shape, full, self.tp_rank, self.tp))
 
     def _owner(self, name: str) -> int:
         layer, _ = convert.split_layer_name(name)
@@ -275,7 +308,7 @@ class MegatronModel(TrainableLM):
         if self.pp_rank == owner:
             local = self.local_params()
             full = {n: local[n].detach() for n in names}
-            sharded = [n for n in names if convert.split_kind(n) != "replicated"]
+            sharded = [n for n in names if not convert.replicated(n, s)]
             if tp > 1 and sharded:
                 send = torch.cat([local[n].detach().reshape(-1) for n in sharded])
                 recv = [torch.empty_like(send) for _ in range(tp)]
@@ -283,7 +316,7 @@ class MegatronModel(TrainableLM):
                 sizes = [local[n].numel() for n in sharded]
                 per_rank = [dict(zip(sharded, r.split(sizes))) for r in recv]
                 for n in sharded:
-                    full[n] = convert.unshard(n, [pr[n].view_as(local[n]) for pr in per_rank])
+                    full[n] = convert.unshard(n, s, [pr[n].view_as(local[n]) for pr in per_rank])
             torch.cat([full[n].reshape(-1) for n in names], out=flat)
         if self.pp > 1:
             group = ps.get_pipeline_model_parallel_group()
@@ -354,6 +387,12 @@ class MegatronModel(TrainableLM):
             micro_batch_size=max(len(mb) for mb in micro_batches), forward_only=forward_only)
 
     def _on_device(self, mb: TokenBatch) -> TokenBatch:
+        """`mb` on this rank's device; under SP left-padded to a multiple of TP columns, so that
+        the tokens split evenly (masked columns before the prompt change no output)."""
+        pad = -mb.input_ids.shape[1] % self.tp if self.sequence_parallel else 0
+        if pad:
+            mb = TokenBatch(F.pad(mb.input_ids, (pad, 0)), F.pad(mb.attention_mask, (pad, 0)), mb.response_mask,
+                            mb.extras)
         device = self.params[0].device
         if mb.input_ids.device == device:
             return mb
@@ -414,9 +453,10 @@ class MegatronModel(TrainableLM):
                 p.grad = torch.zeros_like(p)
         if self.dp > 1:
             _all_reduce_coalesced([p.grad for p in self.params], ps.get_data_parallel_group())
-        if self.tp > 1:  # q/k norms act on this rank's heads only: their grads are partial sums
-            qk = [p.grad for n, p in self.stage.named_parameters() if "q_layernorm" in n or "k_layernorm" in n]
-            _all_reduce_coalesced(qk, ps.get_tensor_model_parallel_group())
+        if self.tp > 1:  # weights this rank applies to its heads (or, under SP, its tokens) only
+            partial = [p.grad for n, p in self.local_params().items()
+                       if convert.split_kind(n, self.shape) == "per_head" or getattr(p, "sequence_parallel", False)]
+            _all_reduce_coalesced(partial, ps.get_tensor_model_parallel_group())
         if self.pp > 1 and self.tied and ps.is_rank_in_embedding_group():
             weight = self.stage.gpt.shared_embedding_or_output_weight()
             dist.all_reduce(weight.grad, group=ps.get_embedding_group())
@@ -426,7 +466,7 @@ class MegatronModel(TrainableLM):
         embedding's last-stage copy counted once), as `clip_grad_norm_` does on one process."""
         # (megatron marks TP-sharded weights only when it initialises them; we load them instead)
         owned = [p.grad for n, p in self.local_params().items()
-                 if (self.tp_rank == 0 or convert.split_kind(n) != "replicated") and not getattr(p, "shared", False)]
+                 if (self.tp_rank == 0 or not convert.replicated(n, self.shape)) and not getattr(p, "shared", False)]
         sq = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         for g in owned:
             sq += g.float().pow(2).sum()
@@ -517,7 +557,7 @@ def init_parallel_for(paths: list[str], tensor_parallel: int, pipeline_parallel:
 
     layout = None
     for path in paths:
-        s = Qwen3Shape.from_hf(AutoConfig.from_pretrained(path))
+        s = ModelShape.from_hf(AutoConfig.from_pretrained(path))
         layout = check_layout(tensor_parallel, pipeline_parallel, launched_world_size(), num_heads=s.num_heads,
                               num_kv_heads=s.num_kv_heads, num_layers=s.num_layers, ffn_size=s.ffn_size)
     init_parallel(layout, seed)
