@@ -87,10 +87,11 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     else:
         from tempo.models.hf import HFModel, load_critic_module
 
+        options = dict(share_prompts=share, recompute=cfg.model.recompute)
         policy = HFModel(load_policy_module(policy_path, dtype), "policy", t.optim("policy"),
-                         temperature=cfg.rollout.temperature, share_prompts=share)
+                         temperature=cfg.rollout.temperature, **options)
         critic = HFModel(load_critic_module(critic_source, dtype, init_from_policy=new_head), "critic",
-                         t.optim("critic"), share_prompts=share) if need_critic else None
+                         t.optim("critic"), **options) if need_critic else None
         sampler = policy.module  # generates with the policy's own module: weight sync is free
     from tempo.rollout.hf import HFRolloutEngine
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from tempo.errors import TempoError
+from tempo.errors import ConfigError, TempoError
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -58,6 +58,18 @@ def cmd_config(args) -> None:
     save_config(_load(args), "/dev/stdout")
 
 
+def cmd_plan(args) -> None:
+    from tempo.plan import plan
+
+    cfg = _load(args)
+    result = plan(cfg, args.world_size, args.gpu_gb)
+    print(f"Memory plan: {cfg.model.backend} backend, TP {cfg.model.tensor_parallel}, PP {cfg.model.pipeline_parallel}, "
+          f"world size {args.world_size}, {args.gpu_gb:g} GB GPUs\n")
+    print(result.table())
+    if not result.fits:
+        raise ConfigError(f"memory plan: {result.reason()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tempo",
@@ -92,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated train.seed values (default: %(default)s)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a config's layout; exit 2 when it does not fit",
+                       description="Weights, gradients and AdamW state of the policy and the critic, activations "
+                                   "of one micro-batch at the longest sequence, and vLLM's share, per GPU.")
+    _config_args(p)
+    p.add_argument("--world-size", type=int, default=8, help="GPUs in the run (default: %(default)s)")
+    p.add_argument("--gpu-gb", type=float, default=80, help="memory of one GPU in GiB (default: %(default)s)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _config_args(p)

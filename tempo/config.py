@@ -80,7 +80,9 @@ class ModelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False  # megatron, TP > 1: tokens outside attention split over the TP group
-    recompute: str = "none"  # megatron activation recomputation: none | selective (core attention) | full
+    # Activation recomputation: none | selective (megatron: core attention) | full (every layer;
+    # HF: gradient checkpointing, which turns share_prompts off)
+    recompute: str = "none"
     kernels: str = "auto"  # auto | triton | torch | reference
     # Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill,
     # and in the HF backend's forward and backward (exact; Megatron runs every row)
@@ -95,6 +97,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks force full length)
+    max_prompt_tokens: int = 1024  # a longer prompt is an error naming it (the memory plan counts on it)
+    gpu_memory_utilization: float = 0.5  # vllm: its share of each GPU (weights + KV cache) while awake
 
 
 @dataclass
@@ -339,8 +343,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.tensor_parallel / model.pipeline_parallel: must be at least 1")
     if cfg.model.sequence_parallel and (cfg.model.backend != "megatron" or cfg.model.tensor_parallel < 2):
         raise ConfigError("model.sequence_parallel: needs model.backend=megatron and model.tensor_parallel >= 2")
-    if cfg.model.recompute != "none" and cfg.model.backend != "megatron":
-        raise ConfigError("model.recompute: megatron only (model.backend=megatron)")
+    if cfg.model.recompute == "selective" and cfg.model.backend != "megatron":
+        raise ConfigError("model.recompute: selective is megatron's; the HF backend has none | full")
+    if not 0 < cfg.rollout.gpu_memory_utilization < 1:
+        raise ConfigError("rollout.gpu_memory_utilization: must be in (0, 1)")
     for key in ("checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.run, key) < 0:
             raise ConfigError(f"run.{key}: must be 0 or more")

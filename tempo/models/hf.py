@@ -57,9 +57,13 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
 
 class HFModel(TrainableLM):
     def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
-                 share_prompts: bool = False):
+                 share_prompts: bool = False, recompute: str = "none"):
         assert kind in ("policy", "critic")
-        self.module, self.kind, self.share_prompts = module, kind, share_prompts
+        self.module, self.kind = module, kind
+        if recompute == "full":  # each layer's input kept, the rest recomputed in backward
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # A recomputed layer would write the shared prompt's KV cache a second time.
+        self.share_prompts = share_prompts and recompute == "none"
         self.temperature, self.grad_clip = temperature, optim.grad_clip
         # fused: one kernel for every parameter (CPU and CUDA), 5x faster than the loop on CPU
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from tempo.config import RolloutConfig
+from tempo.errors import ConfigError
 from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
 
 
@@ -34,6 +35,11 @@ class HFRolloutEngine(RolloutEngine):
         self.module.eval()
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        lengths = enc.attention_mask.sum(-1)
+        if int(lengths.max()) > self.cfg.max_prompt_tokens:
+            i = int(lengths.argmax())
+            raise ConfigError(f"rollout.max_prompt_tokens: a prompt has {int(lengths[i])} tokens, more than "
+                              f"{self.cfg.max_prompt_tokens}: {prompts[i][:80]!r}")
         prompt_ids = enc.input_ids.repeat_interleave(n, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
         gen_cfg = self._generation_config(temperature)

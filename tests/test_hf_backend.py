@@ -1,11 +1,13 @@
-"""Rows that share a prompt run it once (`model.share_prompts`): in the HF backend's forward
-and backward, and in the HF rollout's prefill. Same function as running every row: checked
-against the plain path on outputs, gradients and sampled tokens."""
+"""The HF backend's ways of running the same function: rows that share a prompt run it once
+(`model.share_prompts`, in the forward and backward and in the rollout's prefill), and
+gradient checkpointing (`model.recompute=full`). Each checked against the plain path on
+outputs, gradients and sampled tokens."""
 import pytest
 import torch
 
 from tempo.base_model import build_tiny_qwen3
 from tempo.config import BaseModelConfig, Optim, RolloutConfig
+from tempo.errors import ConfigError
 from tempo.models.base import TokenBatch
 from tempo.models.hf import HFModel
 from tempo.rollout.hf import HFRolloutEngine
@@ -47,12 +49,18 @@ def module(kind: str) -> torch.nn.Module:
     return critic
 
 
-def outputs_and_grads(kind: str, share: bool, batch: TokenBatch):
-    model = HFModel(module(kind), kind, OPTIM, share_prompts=share)
-    out = model.forward(batch)
+def outputs_and_grads(kind: str, share: bool, batch: TokenBatch, recompute: str = "none"):
+    model = HFModel(module(kind), kind, OPTIM, share_prompts=share, recompute=recompute)
+    model.module.train()
+    calls, saved = [], []
+    model.module.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = model.forward(batch)
     loss = sum((v * batch.response_mask * (i + 1)).sum() for i, v in enumerate(out.values()))
     loss.backward()
     grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
+    grads["(first layer's MLP runs)"] = torch.tensor(float(len(calls)))
+    grads["(elements saved for backward)"] = torch.tensor(float(sum(saved)))
     return {k: v.detach() * batch.response_mask for k, v in out.items()}, grads
 
 
@@ -61,6 +69,9 @@ def test_shared_prompt_forward_and_backward_match_every_row_run_alone(kind):
     batch = grouped_batch()
     plain_out, plain_grads = outputs_and_grads(kind, False, batch)
     shared_out, shared_grads = outputs_and_grads(kind, True, batch)
+    assert shared_grads.pop("(first layer's MLP runs)") == 2  # the prompts, then the responses
+    plain_grads.pop("(first layer's MLP runs)")
+    assert shared_grads.pop("(elements saved for backward)") < plain_grads.pop("(elements saved for backward)")
     for k in plain_out:
         torch.testing.assert_close(shared_out[k], plain_out[k], atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == plain_grads.keys()
@@ -94,3 +105,25 @@ def test_rollout_with_a_shared_prompt_cache_samples_the_same_tokens():
         out[share] = (r.prompt_ids, r.response_ids, r.response_mask)
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["policy", "critic"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    batch = grouped_batch()
+    plain_out, plain_grads = outputs_and_grads(kind, False, batch)
+    # share_prompts is turned off under checkpointing (a recomputed layer would append to the cache twice)
+    ckpt_out, ckpt_grads = outputs_and_grads(kind, True, batch, recompute="full")
+    for k in plain_out:
+        torch.testing.assert_close(ckpt_out[k], plain_out[k], atol=1e-6, rtol=1e-6)
+    saved = "(elements saved for backward)"
+    assert ckpt_grads.pop(saved) < plain_grads.pop(saved) / 4  # each layer keeps its input only
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_a_prompt_longer_than_max_prompt_tokens_is_named():
+    tok = char_tokenizer()
+    policy = build_tiny_qwen3(SHAPE, len(tok), tok.pad_token_id, tok.eos_token_id)
+    engine = HFRolloutEngine(RolloutConfig(n=2, max_new_tokens=4, max_prompt_tokens=6), policy, tok)
+    with pytest.raises(ConfigError, match=r"rollout.max_prompt_tokens: a prompt has 9 tokens, more than 6: '12\+34\+56='"):
+        engine.generate(["1+2=", "12+34+56="], 2)

@@ -1,0 +1,87 @@
+"""The memory plan (`tempo plan`): parameter counts against real models, the activation
+estimate's response to recomputation and sequence parallelism, and the two H100 configs."""
+import pytest
+import torch
+
+from tempo.base_model import build_tiny_qwen3
+from tempo.cli import main
+from tempo.config import BaseModelConfig, load_config
+from tempo.errors import ConfigError
+from tempo.plan import GIB, Arch, _activations, arch_of, plan
+
+
+def hf_config_dict(model) -> dict:
+    return model.config.to_dict()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_matches_a_qwen3(tied):
+    model = build_tiny_qwen3(BaseModelConfig(), vocab_size=97, pad_id=0, eos_id=1)
+    cfg = hf_config_dict(model) | {"tie_word_embeddings": tied}
+    real = sum(p.numel() for p in model.parameters()) + (0 if tied else 97 * 128)
+    assert Arch.from_hf(cfg).params("policy") == real
+
+
+def test_parameter_count_matches_an_olmo3_and_its_critic():
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    import tempo.models.hf  # noqa: F401 (the OLMo3 critic class)
+    from transformers import AutoModelForTokenClassification
+
+    cfg = Olmo3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2)
+    arch = Arch.from_hf(cfg.to_dict())
+    assert arch.params("policy") == sum(p.numel() for p in Olmo3ForCausalLM(cfg).parameters())
+    cfg.num_labels = 1
+    critic = AutoModelForTokenClassification.from_config(cfg)
+    assert arch.params("critic") == sum(p.numel() for p in critic.parameters())
+
+
+def megatron_config(*extra):
+    return load_config("configs/qwen3_14b_h100.yaml", list(extra))
+
+
+def test_activation_estimate_moves_with_recompute_and_sequence_parallelism():
+    arch = arch_of("Qwen/Qwen3-14B")
+    act = {r: _activations(arch, megatron_config(f"model.recompute={r}"), 2)[0] for r in ("none", "selective", "full")}
+    assert act["full"] < act["selective"] == act["none"]  # TE's flash attention keeps no scores to drop
+    no_sp = _activations(arch, megatron_config("model.sequence_parallel=false"), 2)[0]
+    assert act["selective"] < no_sp
+    # Per layer: 30·s·h/TP bytes with SP against (10 + 20/TP)·s·h without.
+    tokens, h = 18432, arch.hidden
+    assert no_sp - act["selective"] == pytest.approx(arch.layers * tokens * h * (10 + 20 / 8 - 30 / 8))
+    # OLMo3's blocks use Megatron's local attention, which keeps every layer's scores unless recomputed.
+    olmo = arch_of("allenai/Olmo-3-1025-7B")
+    none = _activations(olmo, megatron_config("model.recompute=none"), 2)
+    selective = _activations(olmo, megatron_config("model.recompute=selective"), 2)
+    assert none[0] - selective[0] == pytest.approx((olmo.layers - 1) * 5 * olmo.heads * 18432 * tokens / 8)
+    assert "scores" in none[1][0] and not selective[1]
+
+
+def test_the_h100_configs_fit_their_layouts():
+    olmo = load_config("configs/olmo3_7b_h100.yaml", [])
+    for world in (8, 16):
+        result = plan(olmo, world, 80)
+        assert result.fits, result.reason()
+    qwen = load_config("configs/qwen3_14b_h100.yaml", [])
+    assert plan(qwen, 16, 80).fits
+    one_node = load_config("configs/qwen3_14b_h100.yaml", ["model.pipeline_parallel=1"])
+    result = plan(one_node, 8, 80)
+    assert not result.fits and "phase needs" in result.reason()
+    assert plan(one_node, 8, 141).fits  # H200
+    with pytest.raises(ConfigError, match="not a multiple"):
+        plan(qwen, 8, 80)
+
+
+def test_plan_command_refuses_a_layout_that_does_not_fit(capsys):
+    assert main(["plan", "--config", "configs/qwen3_14b_h100.yaml", "--world-size", "16"]) == 0
+    assert "rollout peak" in capsys.readouterr().out
+    code = main(["plan", "--config", "configs/qwen3_14b_h100.yaml", "--world-size", "8",
+                 "model.pipeline_parallel=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tempo: error: memory plan: the rollout phase needs") and "\n" not in err
+
+
+def test_unknown_model_without_a_checkpoint_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        arch_of(str(tmp_path / "nowhere"))
