@@ -85,14 +85,21 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         # The engine samples with its own copy of the policy, refreshed from export_weights().
         sampler = load_policy_module(policy_path, dtype)
     else:
+        from tempo.dist import init_process_group, launched_world_size
         from tempo.models.hf import HFModel, load_critic_module
 
-        options = dict(share_prompts=share, recompute=cfg.model.recompute)
+        data_parallel = launched_world_size() > 1  # torchrun: FSDP2 over every rank
+        if data_parallel:
+            init_process_group()
+        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=data_parallel)
         policy = HFModel(load_policy_module(policy_path, dtype), "policy", t.optim("policy"),
                          temperature=cfg.rollout.temperature, **options)
         critic = HFModel(load_critic_module(critic_source, dtype, init_from_policy=new_head), "critic",
                          t.optim("critic"), **options) if need_critic else None
-        sampler = policy.module  # generates with the policy's own module: weight sync is free
+        # One process generates with the policy's own module (weight sync is free); FSDP2's
+        # shards cannot generate, so each rank then samples with a full copy, refreshed from
+        # export_weights() as under Megatron.
+        sampler = load_policy_module(policy_path, dtype) if data_parallel else policy.module
     from tempo.rollout.hf import HFRolloutEngine
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path)

@@ -103,9 +103,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
+def torchrun(nproc: int, *args: str, timeout: int = 300, worker: str = WORKER.name) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), *args]
+           str(WORKER.with_name(worker)), *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -337,9 +337,12 @@ def save_policy_and_critic(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["model.tensor_parallel=2", "model.pipeline_parallel=2"])
+@pytest.mark.parametrize("layout", ["model.backend=megatron model.tensor_parallel=2",
+                                    "model.backend=megatron model.pipeline_parallel=2",
+                                    "model.backend=hf"])  # FSDP2 over the two ranks
 def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
-    """Two EM steps of the embedded task: rollouts, rewards, E- and M-step metrics as with HF.
+    """Two EM steps of the embedded task on two ranks: rollouts, rewards, E- and M-step metrics
+    as with the HF backend in one process.
 
     A critic checkpoint is given so that neither backend draws from the sampling RNG while it
     builds (the HF backend's fresh value head is randomly initialised before it is zeroed), and
@@ -352,13 +355,12 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
               "run.save_checkpoints=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     runs = {"hf": [sys.executable, "-m", "tempo.cli", "train", *common, f"run.out_dir={tmp_path / 'hf'}"],
-            "megatron": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "-m", "tempo.cli", "train", "model.backend=megatron", layout, *common,
-                         f"run.out_dir={tmp_path / 'megatron'}"]}
+            "two ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tempo.cli", "train", *layout.split(), *common, f"run.out_dir={tmp_path / 'two'}"]}
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, f"{name}:\n{proc.stderr[-6000:]}"
-    hf, mc = read_records(tmp_path / "hf" / "metrics.jsonl"), read_records(tmp_path / "megatron" / "metrics.jsonl")
+    hf, mc = read_records(tmp_path / "hf" / "metrics.jsonl"), read_records(tmp_path / "two" / "metrics.jsonl")
     assert set(hf) == set(mc) and (1, "train") in hf
     for key, (ref,) in hf.items():
         assert len(mc[key]) == 1, f"only rank 0 writes metrics, got {len(mc[key])} records at {key}"

@@ -105,7 +105,8 @@ def main() -> None:
 
     from tempo.models.megatron.convert import ModelShape
     from tempo.models.megatron.model import load_model
-    from tempo.models.megatron.parallel import check_layout, init_parallel, launched_world_size
+    from tempo.dist import launched_world_size
+    from tempo.models.megatron.parallel import check_layout, init_parallel
 
     batch = token_batch()
     results = {}

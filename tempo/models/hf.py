@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, DynamicCache
 from transformers.modeling_layers import GenericForTokenClassification
 from transformers.models.olmo3 import Olmo3Config, Olmo3PreTrainedModel
@@ -55,44 +56,37 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
     return module
 
 
-class HFModel(TrainableLM):
-    def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
-                 share_prompts: bool = False, recompute: str = "none"):
-        assert kind in ("policy", "critic")
-        self.module, self.kind = module, kind
-        if recompute == "full":  # each layer's input kept, the rest recomputed in backward
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # A recomputed layer would write the shared prompt's KV cache a second time.
-        self.share_prompts = share_prompts and recompute == "none"
-        self.temperature, self.grad_clip = temperature, optim.grad_clip
-        # fused: one kernel for every parameter (CPU and CUDA), 5x faster than the loop on CPU
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                           betas=optim.betas, fused=True)
+class Scorer(torch.nn.Module):
+    """Per-token log-probs (policy) or values (critic) of the response columns from one HF
+    module. A module of its own so that FSDP2's hooks wrap the whole computation (the trunk is
+    called directly and the LM head's weight read as a tensor, bypassing the HF module's forward)."""
 
-    def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        B, R = len(batch), batch.response_len
+    def __init__(self, module: torch.nn.Module, kind: str, temperature: float, share_prompts: bool):
+        super().__init__()
+        self.module, self.kind, self.temperature, self.share_prompts = module, kind, temperature, share_prompts
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+        B, R = input_ids.shape[0], response_len
         # Response token t is scored from the state before it (position p predicts token p+1):
         # its log-prob, and its value V(x, y_<t), the critic's estimate before t is chosen.
-        h = self._scoring_states(batch)
+        h = self._scoring_states(input_ids, attention_mask, R)
         if self.kind == "critic":
             return {"values": self.module.score(h).squeeze(-1).float()}
         h = h.reshape(B * R, -1)
-        labels = batch.input_ids[:, -R:].reshape(-1)
+        labels = input_ids[:, -R:].reshape(-1)
         logp, entropy = tempo_kernels.linear_logprob(h, self.module.lm_head.weight, labels,
                                                      self.temperature, with_entropy=True)
         return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
 
-    def _scoring_states(self, batch: TokenBatch) -> torch.Tensor:
+    def _scoring_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
         """The trunk's hidden states at the R positions that score the response, [B, R, H]."""
         trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
-        R = batch.response_len
-        P = batch.input_ids.shape[1] - R
-        positions = batch.position_ids()
-        prompts, inverse = torch.unique(torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1),
+        P = input_ids.shape[1] - R
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count
+        prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1),
                                         dim=0, return_inverse=True)
-        if not self.share_prompts or P == 0 or len(prompts) == len(batch):
-            hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=positions).last_hidden_state
+        if not self.share_prompts or P == 0 or len(prompts) == len(input_ids):
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
             return hidden[:, -R - 1:-1]
         # The n responses of a prompt share it: run each distinct prompt once, give every row
         # its prompt's keys and values (gradients add up through the index), then run the
@@ -103,35 +97,118 @@ class HFModel(TrainableLM):
                      position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
                      use_cache=True).last_hidden_state
         cache.batch_select_indices(inverse)
-        tail = trunk(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask,
-                     position_ids=positions[:, P:], past_key_values=cache, use_cache=True).last_hidden_state
+        tail = trunk(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+                     past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([head[inverse, -1:], tail[:, :-1]], 1)
+
+
+class HFModel(TrainableLM):
+    """One HF module and its AdamW. Under torchrun (`data_parallel`) FSDP2 shards weights,
+    gradients and optimiser state over every rank (each decoder layer a unit, the rest the
+    root), and the ranks split each step's micro-batches."""
+
+    def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
+                 share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False):
+        assert kind in ("policy", "critic")
+        self.module, self.kind = module, kind
+        if recompute == "full":  # each layer's input kept, the rest recomputed in backward
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # A recomputed layer would write the shared prompt's KV cache a second time.
+        self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none")
+        self.grad_clip = optim.grad_clip
+        self.world = dist.get_world_size() if data_parallel else 1
+        self.rank = dist.get_rank() if data_parallel else 0
+        if self.world > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            units = [fully_shard(layer) for layer in module.model.layers] + [fully_shard(self.scorer)]
+            for unit in units:
+                # The loop's micro-batch losses are shares of the mini-batch loss: sum, do not
+                # average (as plain SUMs: gloo has no pre-scaled sum).
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
+        # fused: one kernel for every parameter (CPU and CUDA), 5x faster than the loop on CPU
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                           betas=optim.betas, fused=True)
+
+    def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        return self.scorer(batch.input_ids, batch.attention_mask, batch.response_len)
+
+    def _my_micro_batches(self, micro_batches: list[TokenBatch]) -> list[tuple[int, TokenBatch]]:
+        """This rank's (index, micro-batch) pairs, round-robin; every rank gets as many (index -1:
+        a stand-in that runs for the collectives and counts for nothing)."""
+        per_rank = -(-len(micro_batches) // self.world)
+        out = []
+        for i in range(per_rank):
+            j = self.rank + i * self.world
+            out.append((j, micro_batches[j]) if j < len(micro_batches) else (-1, micro_batches[0]))
+        return out
+
+    @torch.no_grad()
+    def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        if self.world == 1:
+            return super().infer(batch, micro_batch_size)
+        self.eval()
+        parts = batch.split(micro_batch_size)
+        out: dict[str, torch.Tensor] = {}
+        for j, mb in self._my_micro_batches(parts):
+            got = self.forward(mb)
+            for k, v in got.items():
+                out.setdefault(k, torch.zeros(len(batch), batch.response_len, dtype=v.dtype, device=v.device))
+                if j >= 0:
+                    out[k][j * micro_batch_size:j * micro_batch_size + len(mb)] = v
+        for v in out.values():  # each row written by one rank
+            dist.all_reduce(v)
+        return out
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        sums: dict[str, float] = {}
         finite = True
-        for mb in micro_batches:
+        mine = self._my_micro_batches(micro_batches) if self.world > 1 else list(enumerate(micro_batches))
+        for j, mb in mine:
             loss, stats = loss_fn(self.forward(mb), mb)
-            finite &= bool(torch.isfinite(loss))
+            if j < 0:
+                loss = loss * 0.0
+            else:
+                finite &= bool(torch.isfinite(loss))
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
             loss.backward()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
-        return finish_step(self.optimizer, totals, grad_norm, finite)
+        if self.world > 1:  # every rank takes the same decision on the same numbers
+            keys = sorted(sums)
+            flat = torch.tensor([sums[k] for k in keys] + [float(not finite)], dtype=torch.float64)
+            dist.all_reduce(flat)
+            sums, finite = dict(zip(keys, flat[:-1].tolist())), flat[-1].item() == 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        totals = {k: v / len(micro_batches) for k, v in sums.items()}
+        return finish_step(self.optimizer, totals, float(grad_norm), finite)
 
     def eval(self) -> None:
         self.module.eval()
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.module.state_dict().items()
+        """Full tensors; under FSDP2 gathered from the shards (a collective: every rank iterates)."""
+        for name, tensor in self.module.state_dict().items():
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    def _optimizer_file(self, path: str) -> Path:
+        return Path(path) / (OPTIMIZER_FILE if self.world == 1 else f"optimizer_rank{self.rank}.pt")
 
     def save(self, path: str) -> None:
-        self.module.save_pretrained(path)
-        torch.save(self.optimizer.state_dict(), Path(path) / OPTIMIZER_FILE)
+        """HF layout (rank 0) and the optimiser state (each rank its shard)."""
+        weights = dict(self.export_weights())
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.module.save_pretrained(path, state_dict=weights)
+        torch.save(self.optimizer.state_dict(), self._optimizer_file(path))
+        if self.world > 1:
+            dist.barrier()
 
     def load_optimizer(self, path: str) -> None:
-        file = Path(path) / OPTIMIZER_FILE
+        file = self._optimizer_file(path)
         if file.is_file():
-            self.optimizer.load_state_dict(torch.load(file, weights_only=True))
+            self.optimizer.load_state_dict(torch.load(file, weights_only=self.world == 1))  # DTensor state otherwise

@@ -553,7 +553,8 @@ def init_parallel_for(paths: list[str], tensor_parallel: int, pipeline_parallel:
     world size, then initialise Megatron's process groups."""
     from transformers import AutoConfig
 
-    from tempo.models.megatron.parallel import check_layout, init_parallel, launched_world_size
+    from tempo.dist import launched_world_size
+    from tempo.models.megatron.parallel import check_layout, init_parallel
 
     layout = None
     for path in paths:

@@ -8,8 +8,6 @@ launched without torchrun) and megatron's model-parallel state (rank order tp-dp
 """
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +25,6 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
-
-
-def launched_world_size() -> int:
-    """Processes started by torchrun (WORLD_SIZE), 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_layout(tp: int, pp: int, world_size: int, *, num_heads: int, num_kv_heads: int,
@@ -54,27 +47,16 @@ def check_layout(tp: int, pp: int, world_size: int, *, num_heads: int, num_kv_he
     return Layout(tp, pp, world_size // (tp * pp))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(layout: Layout, seed: int) -> None:
     """Process group and megatron's model-parallel state for `layout` (re-initialised when a
     previous call set up another layout in this process)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    from tempo.dist import init_process_group
+
     on_gpu = torch.cuda.is_available()
-    if not dist.is_initialized():
-        backend = "nccl" if on_gpu else "gloo"
-        if "RANK" in os.environ:  # torchrun
-            if on_gpu:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    init_process_group()
     if dist.get_world_size() != layout.world_size:
         raise ConfigError(f"world size {dist.get_world_size()} is not tensor_parallel × pipeline_parallel × "
                           f"data parallel = {layout.world_size}")

@@ -1,0 +1,36 @@
+"""The HF backend under torchrun: FSDP2 shards policy and critic over two gloo processes and
+splits the micro-batches; one optimiser step must give what one process gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_megatron import TOL, assert_same_run, ckpts, torchrun  # noqa: F401 (fixture)
+
+WORKER = "torchrun_fsdp.py"
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts) -> dict[int, dict]:
+    out = {}
+    for nproc in (1, 2):
+        target = ckpts["root"] / f"fsdp{nproc}.pt"
+        torchrun(nproc, "--policy", str(ckpts["untied"]), "--critic", str(ckpts["critic"]), "--out", str(target),
+                 "--save", str(ckpts["root"] / f"fsdp{nproc}"), worker=WORKER)
+        out[nproc] = torch.load(target, weights_only=False)
+    return out
+
+
+def test_two_fsdp2_processes_match_one(runs):
+    assert runs[2]["sharded"] and not runs[1]["sharded"]
+    assert_same_run(runs[2], runs[1])
+
+
+def test_a_sharded_checkpoint_loads_in_hf(ckpts, runs):
+    from transformers import AutoModelForCausalLM
+
+    saved = ckpts["root"] / "fsdp2" / "policy"
+    weights = AutoModelForCausalLM.from_pretrained(saved).state_dict()
+    for name, value in runs[2]["policy_weights"].items():
+        assert torch.equal(weights[name], value), name
+    assert sorted(p.name for p in saved.glob("optimizer_rank*.pt")) == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
