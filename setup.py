@@ -58,7 +58,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "megatron": ["megatron-core>=0.16"],
-        "gpu": ["vllm", "liger-kernel", "flash-attn"],
+        # vllm 0.32.0 pins torch 2.13.0 (the CPU install's too: it stays) and transformers <5.20
+        "gpu": ["vllm==0.32.0", "liger-kernel"],
+        "flash": ["flash-attn"],  # model.attn_implementation=flash_attention_2; builds against CUDA
         "test": ["pytest", "pytest-benchmark"],
     },
     ext_modules=ext_modules,

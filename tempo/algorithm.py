@@ -59,3 +59,18 @@ def loss_shares(mask: torch.Tensor, agg: str) -> torch.Tensor:
     if agg == "token-mean":
         return mask.sum(-1) / mask.sum().clamp(min=1)
     return torch.full((len(mask),), 1.0 / len(mask))
+
+
+def engine_agreement(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and max |log π_train − log π_engine| over the sampled tokens: how far the rollout
+    engine's numerics (kernels, precision, a stale weight sync) are from the trainer's."""
+    diff = (train_logp - engine_logp).abs() * mask
+    return {"rollout/logp_diff_mean": float(diff.sum() / mask.sum().clamp(min=1)),
+            "rollout/logp_diff_max": float(diff.max()) if diff.numel() else 0.0}
+
+
+def tis_weights(train_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling: min(π_train / π_engine, cap) per sampled token. The tokens
+    were drawn from the engine's distribution; the weight corrects the policy gradient toward the
+    trainer's, the cap bounds its variance."""
+    return torch.exp(train_logp - engine_logp).clamp(max=cap)

@@ -61,8 +61,6 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     on the configured backend: Hugging Face in one process, or Megatron-core TP/PP/DP under
     torchrun."""
     select_kernels(cfg.model.kernels)
-    if cfg.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine: vllm needs a GPU install (pip install .[gpu]); use hf on CPU")
     given = {"policy_path": policy_path, "critic_path": critic_path if need_critic else None}
     for key, path in given.items():
         if path and not (Path(path) / "config.json").is_file():
@@ -82,8 +80,8 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
                             **layout)
         critic = load_model(critic_source, "critic", init_from_policy=new_head, optim=t.optim("critic"),
                             **layout) if need_critic else None
-        # The engine samples with its own copy of the policy, refreshed from export_weights().
-        sampler = load_policy_module(policy_path, dtype)
+        # The HF engine samples with its own copy of the policy, refreshed from export_weights().
+        sampler = lambda: load_policy_module(policy_path, dtype)  # noqa: E731
     else:
         from tempo.dist import init_process_group, launched_world_size
         from tempo.models.hf import HFModel, load_critic_module
@@ -91,16 +89,27 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         data_parallel = launched_world_size() > 1  # torchrun: FSDP2 over every rank
         if data_parallel:
             init_process_group()
-        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=data_parallel)
-        policy = HFModel(load_policy_module(policy_path, dtype), "policy", t.optim("policy"),
+        # Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype.
+        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=data_parallel,
+                       compute_dtype=dtype)
+        attn = cfg.model.attn_implementation
+        policy = HFModel(load_policy_module(policy_path, torch.float32, attn), "policy", t.optim("policy"),
                          temperature=cfg.rollout.temperature, **options)
-        critic = HFModel(load_critic_module(critic_source, dtype, init_from_policy=new_head), "critic",
-                         t.optim("critic"), **options) if need_critic else None
+        critic = HFModel(load_critic_module(critic_source, torch.float32, init_from_policy=new_head, attn=attn),
+                         "critic", t.optim("critic"), **options) if need_critic else None
         # One process generates with the policy's own module (weight sync is free); FSDP2's
         # shards cannot generate, so each rank then samples with a full copy, refreshed from
         # export_weights() as under Megatron.
-        sampler = load_policy_module(policy_path, dtype) if data_parallel else policy.module
+        sampler = (lambda: load_policy_module(policy_path, dtype)) if data_parallel else (lambda: policy.module)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    if cfg.rollout.engine == "vllm":  # vLLM holds its own copy of the policy, refreshed every M-step
+        from tempo.dist import launched_world_size
+        from tempo.rollout.vllm import VLLMRolloutEngine, start_llm
+
+        tp = cfg.model.tensor_parallel if cfg.model.backend == "megatron" else 1
+        llm = start_llm(cfg.rollout, policy_path, tensor_parallel=tp, dtype=cfg.model.dtype, seed=t.seed,
+                        world_size=launched_world_size())
+        return Models(policy, critic, VLLMRolloutEngine(cfg.rollout, llm, tokenizer, seed=t.seed), tokenizer)
     from tempo.rollout.hf import HFRolloutEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share), tokenizer)
+    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler(), tokenizer, share_prompts=share), tokenizer)

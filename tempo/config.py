@@ -84,6 +84,7 @@ class ModelConfig:
     # HF: gradient checkpointing, which turns share_prompts off)
     recompute: str = "none"
     kernels: str = "auto"  # auto | triton | torch | reference
+    attn_implementation: str = "sdpa"  # HF backend: sdpa | eager | flash_attention_2 (pip install .[flash])
     # Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill,
     # and in the HF backend's forward and backward (exact; Megatron runs every row)
     share_prompts: bool = True
@@ -114,6 +115,9 @@ class AlgorithmConfig:
     filter_groups: bool = True  # drop labeled groups whose rewards all agree
     max_gen_batches: int = 4
     vote_samples: int = 0  # TTRL: samples that vote (0: same as rollout.n)
+    # An engine that reports its sampling log-probs (vLLM): weight each token's policy gradient by
+    # min(π_train / π_engine, tis_cap) (truncated importance sampling); 0 off
+    tis_cap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Optim:
     weight_decay: float
     betas: tuple[float, float]
     grad_clip: float
+    warmup_steps: int = 0  # linear warm-up over this many optimiser steps, constant after
 
 
 @dataclass
@@ -140,14 +145,15 @@ class TrainConfig:
     critic_weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    lr_warmup_steps: int = 0  # both models' lr rises linearly over this many optimiser steps, then stays
     max_bad_steps: int = 5  # stop after this many steps in a row skipped a non-finite update (0: never)
     seed: int = 0
 
     def optim(self, kind: str) -> Optim:
         if kind == "policy":
-            return Optim(self.policy_lr, self.weight_decay, tuple(self.betas), self.grad_clip)
+            return Optim(self.policy_lr, self.weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps)
         lr = self.policy_lr if self.critic_lr is None else self.critic_lr
-        return Optim(lr, self.critic_weight_decay, tuple(self.betas), self.grad_clip)
+        return Optim(lr, self.critic_weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps)
 
 
 @dataclass
@@ -179,6 +185,7 @@ class RunConfig:
     checkpoint_every: int = 10  # steps between checkpoints (0: only at the end); the last step always
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str = "never"  # never | auto (newest whole checkpoint, same config) | force (config may differ)
+    profile_steps: str = ""  # A-B: Nsight capture window on GPUs (cudaProfilerStart/Stop), a torch.profiler trace on CPU
 
 
 @dataclass
@@ -200,6 +207,7 @@ _CHOICES = {
     ("data", "template"): ("raw", "plain", "chat"),
     ("model", "backend"): ("hf", "megatron"),
     ("model", "recompute"): ("none", "selective", "full"),
+    ("model", "attn_implementation"): ("sdpa", "eager", "flash_attention_2"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("model", "kernels"): ("auto", "triton", "torch", "reference"),
     ("rollout", "engine"): ("hf", "vllm"),
@@ -345,6 +353,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.sequence_parallel: needs model.backend=megatron and model.tensor_parallel >= 2")
     if cfg.model.recompute == "selective" and cfg.model.backend != "megatron":
         raise ConfigError("model.recompute: selective is megatron's; the HF backend has none | full")
+    from tempo.profiling import parse_steps
+
+    parse_steps(cfg.run.profile_steps)
     if not 0 < cfg.rollout.gpu_memory_utilization < 1:
         raise ConfigError("rollout.gpu_memory_utilization: must be in (0, 1)")
     for key in ("checkpoint_every", "keep_checkpoints"):

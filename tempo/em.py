@@ -30,6 +30,7 @@ from tempo.grading import Grade
 from tempo.methods import Method
 from tempo.metrics import brier
 from tempo.models.base import TokenBatch, TrainableLM
+from tempo.profiling import phase
 from tempo.rollout.base import Rollouts
 from tempo.task import TaskSplits
 
@@ -112,7 +113,8 @@ class EMTrainer:
     # -- 1, 2: rollouts ----------------------------------------------------------------
 
     def _roll(self, problems: list[Problem], n: int) -> tuple[Rollouts, list[Grade]]:
-        return roll(self.models, problems, n, self.cfg.data.template)
+        with phase("rollout"):
+            return roll(self.models, problems, n, self.cfg.data.template)
 
     def _labeled_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
                         stats: dict[str, float]) -> Batch:
@@ -192,20 +194,29 @@ class EMTrainer:
         mb_size = cfg.train.micro_batch_size
 
         # Fully on-policy (one mini-batch, one epoch), the log-probs before the update are those
-        # the M-step's own forward computes: no separate scoring pass (as verl does).
+        # the M-step's own forward computes: no separate scoring pass, unless the engine's own
+        # log-probs are to be compared with them.
+        engine_logp = batch.rollouts.logprobs
         on_policy = update_policy and cfg.train.mini_batches == 1 and cfg.train.update_epochs == 1
-        scored = None if on_policy else self.policy.infer(tokens, mb_size)
-        values = self.critic.infer(tokens, mb_size)["values"] if m.uses_critic else None
+        with phase("old log-probs"):
+            scored = None if on_policy and engine_logp is None else self.policy.infer(tokens, mb_size)
+        with phase("values"):
+            values = self.critic.infer(tokens, mb_size)["values"] if m.uses_critic else None
         if values is not None and not torch.isfinite(values * mask).all():
             # Rewards and advantages would be non-finite: neither model learns from this step.
             self._account("critic", True)
             stats.update({"skipped_step": 1.0, "nonfinite_values": 1.0})
             return stats
 
-        reward, pseudo = self.rewards(batch, values)
-        if m.unlabeled is not None:
-            stats.update(rewards.drift_stats(pseudo, m.unlabeled.threshold, batch.grades, ~labeled, batch.n))
-        advantages = m.advantage.compute(reward, values, mask, batch.n)
+        with phase("advantages"):
+            reward, pseudo = self.rewards(batch, values)
+            if m.unlabeled is not None:
+                stats.update(rewards.drift_stats(pseudo, m.unlabeled.threshold, batch.grades, ~labeled, batch.n))
+            advantages = m.advantage.compute(reward, values, mask, batch.n)
+            if engine_logp is not None:
+                stats.update(algorithm.engine_agreement(scored["logp"], engine_logp, mask))
+                if cfg.algorithm.tis_cap > 0:
+                    advantages = advantages * algorithm.tis_weights(scored["logp"], engine_logp, cfg.algorithm.tis_cap)
 
         if m.uses_critic and labeled.any():
             last = rewards.last_token(values, mask)
@@ -219,13 +230,14 @@ class EMTrainer:
         stats["recalibrations"] = float(self.recalibrations)
 
         if update_policy:
-            tokens.extras = {"advantages": advantages} | ({} if on_policy else {"old_logp": scored["logp"]})
+            tokens.extras = {"advantages": advantages} | ({} if scored is None else {"old_logp": scored["logp"]})
             stats.update(self.m_step(tokens))
             self._account("policy", stats["actor/nonfinite"] > 0)
-            self.models.engine.sync_weights(self.policy.export_weights())
+            with phase("weight sync"):
+                self.models.engine.sync_weights(self.policy.export_weights())
 
         valid = mask.sum()
-        entropy = (stats.pop("actor/entropy_sum") / stats.pop("actor/tokens") if on_policy
+        entropy = (stats.pop("actor/entropy_sum") / stats.pop("actor/tokens") if scored is None
                    else float((scored["entropy"] * mask).sum() / valid))
         stats.update({
             "reward_mean": float(reward.mean()),
@@ -278,7 +290,8 @@ class EMTrainer:
                                                mb.response_mask, clip, agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
-        stats = self._optimise(self.critic, tokens, loss_fn, agg)
+        with phase("E-step"):
+            stats = self._optimise(self.critic, tokens, loss_fn, agg)
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
@@ -295,7 +308,8 @@ class EMTrainer:
                           "tokens": mb.response_mask.sum()}
             return loss * mb.extras["share"].sum(), {"pg_loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
-        stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)
+        with phase("M-step"):
+            stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)
         return {f"actor/{k}": v for k, v in stats.items()}
 
     def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str) -> dict[str, float]:

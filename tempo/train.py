@@ -23,6 +23,7 @@ from tempo.em import EMTrainer
 from tempo.errors import ResumeError
 from tempo.logger import RunLogger
 from tempo.methods import METHODS
+from tempo.profiling import ProfileWindow
 from tempo.report import regime, write_report
 from tempo.task import TaskSplits
 
@@ -125,7 +126,7 @@ def train(cfg: Config) -> dict:
 
 # Keys that may change between a run and its resumption: they do not touch its trajectory
 # (train.steps lets a finished run be extended).
-RESUMABLE_CHANGES = {"run.resume", "run.progress", "run.tensorboard", "train.steps"}
+RESUMABLE_CHANGES = {"run.resume", "run.progress", "run.tensorboard", "run.profile_steps", "train.steps"}
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
@@ -182,8 +183,11 @@ def _run(cfg: Config, run_dir: Path, start: Path | None) -> dict:
             logger.log(0, "eval", base)
             if dist.is_main():
                 log.info(regime(base))
+        window = ProfileWindow(cfg.run.profile_steps, run_dir, writer=dist.is_main())
         for step in range(trainer.step + 1, cfg.train.steps + 1):
+            window.before(step)
             logger.log(step, "train", trainer.train_step())
+            window.after(step)
             logger.advance()
             trainer.check_health()
             if step % cfg.eval.every == 0 or step == cfg.train.steps:

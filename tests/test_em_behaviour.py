@@ -280,3 +280,34 @@ def test_on_policy_m_step_without_a_scoring_pass_moves_the_policy_the_same(tmp_p
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params))
     assert any(not torch.equal(a, p) for a, p in zip(params[0], build_models(
         trainer.cfg, micro_model, None, need_critic=False).policy.module.parameters()))
+
+
+# -- an engine that reports its sampling log-probs -----------------------------------------------
+
+def test_engine_log_probs_are_compared_and_truncated_importance_sampling_weights_advantages(
+        tmp_path, micro_model, monkeypatch):
+    """An engine whose log-probs sit log 2 below the trainer's on every sampled token: the step
+    logs that gap, and with tis_cap 1.5 every advantage is scaled by min(2, 1.5)."""
+    seen = {}
+    for cap in (0.0, 1.5):
+        trainer = trainer_for(tmp_path, micro_model, "train.mini_batches=1", f"algorithm.tis_cap={cap}")
+        real = trainer.models.engine.generate
+
+        def generate(texts, n, **kw):
+            out = real(texts, n, **kw)
+            tokens = out.token_batch()
+            out.logprobs = trainer.policy.infer(tokens, 8)["logp"] - math.log(2.0) * tokens.response_mask
+            return out
+
+        trainer.models.engine.generate = generate
+        m_step = trainer.m_step
+        monkeypatch.setattr(trainer, "m_step", lambda tokens: seen.setdefault(cap, tokens.extras) and m_step(tokens))
+        torch.manual_seed(0)
+        stats = trainer.train_step()
+        assert stats["rollout/logp_diff_mean"] == pytest.approx(math.log(2.0), abs=1e-5)
+        assert stats["rollout/logp_diff_max"] == pytest.approx(math.log(2.0), abs=1e-5)
+        assert "old_logp" in seen[cap]  # scored before the update, to compare with the engine's
+    torch.testing.assert_close(seen[1.5]["advantages"], seen[0.0]["advantages"] * 1.5)
+    # unit check of the weights: below the cap they are the ratio itself
+    w = algorithm.tis_weights(torch.tensor([0.0, 0.0, -1.0]), torch.tensor([0.1, -2.0, -1.0]), cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([math.exp(-0.1), 2.0, 1.0]))

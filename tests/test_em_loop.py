@@ -190,3 +190,19 @@ def test_eval_scores_a_checkpoint_with_only_a_d_u_file(tmp_path, micro_model, ca
     assert code == 0
     table = capsys.readouterr().out
     assert micro_model in table and "mean@k" in table
+
+
+def test_profile_window_traces_the_phases_of_its_steps(tmp_path, micro_model):
+    cfg = micro_config(tmp_path, micro_model, "train.steps=3", "eval.every=5", "run.save_checkpoints=false",
+                       "run.profile_steps=2-3")
+    train(cfg)
+    trace = json.loads((tmp_path / "run" / "profile" / "steps_2-3.json").read_text())
+    names = [e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"]
+    for phase in ("rollout", "values", "advantages", "E-step", "M-step", "weight sync"):
+        assert names.count(phase) == 2, phase  # one range a step, two steps in the window
+
+
+@pytest.mark.parametrize("text", ["3", "a-b", "0-2", "4-2", "2:3"])
+def test_bad_profile_window_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="run.profile_steps"):
+        load_config(None, [f"run.profile_steps={text}"])

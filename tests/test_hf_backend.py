@@ -127,3 +127,41 @@ def test_a_prompt_longer_than_max_prompt_tokens_is_named():
     engine = HFRolloutEngine(RolloutConfig(n=2, max_new_tokens=4, max_prompt_tokens=6), policy, tok)
     with pytest.raises(ConfigError, match=r"rollout.max_prompt_tokens: a prompt has 9 tokens, more than 6: '12\+34\+56='"):
         engine.generate(["1+2=", "12+34+56="], 2)
+
+
+def test_learning_rate_warms_up_over_optimiser_steps_then_stays():
+    model = HFModel(module("critic"), "critic", Optim(1e-3, 0.0, (0.9, 0.999), 1.0, warmup_steps=4))
+    batch = grouped_batch()
+
+    def loss_fn(scale):
+        return lambda out, mb: ((out["values"] * mb.response_mask).sum() * scale, {})
+
+    lrs = [model.train_step([batch], loss_fn(1.0))["lr"] for _ in range(3)]
+    skipped = model.train_step([batch], loss_fn(float("nan")))  # a skipped step does not count
+    lrs += [model.train_step([batch], loss_fn(1.0))["lr"] for _ in range(2)]
+    assert skipped["nonfinite"] == 1 and "lr" not in skipped
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("kind", ["policy", "critic"])
+def test_bf16_compute_keeps_fp32_master_weights(kind):
+    """model.dtype=bfloat16: matmuls in bf16 (outputs within bf16 rounding of fp32), weights and
+    AdamW state in fp32, so an update far below bf16's resolution near 1.0 (2^-8) still lands."""
+    batch = grouped_batch()
+    fp32 = HFModel(module(kind), kind, OPTIM)
+    bf16 = HFModel(module(kind), kind, Optim(1e-5, 0.0, (0.9, 0.999), 1.0), compute_dtype=torch.bfloat16)
+    ref, got = fp32.infer(batch, 8), bf16.infer(batch, 8)
+    for k in ref:
+        assert got[k].dtype == torch.float32
+        diff = ((got[k] - ref[k]) * batch.response_mask).abs().max().item()
+        assert 0 < diff < 0.1, k  # computed in bf16: not bit-equal, but close
+    norm = dict(bf16.module.named_parameters())["model.norm.weight"]
+    before = norm.detach().clone()
+
+    def loss_fn(out, mb):
+        return (next(iter(out.values())) * mb.response_mask).sum(), {}
+
+    bf16.train_step([batch], loss_fn)
+    assert norm.dtype == torch.float32
+    step = (norm.detach() - before).abs()
+    assert 0 < step.max() < 2 ** -8  # lr 1e-5: an update bf16 weights would have rounded away

@@ -279,13 +279,18 @@ def test_em_token_advantage_hand_example(backend):
 @pytest.mark.parametrize("backend", ADV_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-def test_em_token_advantage_matches_reference(backend, dtype, mask_kind):
+@pytest.mark.parametrize("B,R", [(5, 37), (61, 47)])
+def test_em_token_advantage_matches_reference(backend, dtype, mask_kind, B, R):
+    # 61 × 47: 2,867 slots, more than one block of the Triton kernel (1,024 in the interpreter,
+    # 2,048 on GPUs), with valid tokens in every block: the blocks' moments are merged (Chan et al.).
     g = torch.Generator().manual_seed(11)
-    B, R = 5, 37
     rew = torch.randn(B, generator=g).to(dtype)
-    val = torch.randn(B, R, generator=g).to(dtype)
-    lens = torch.tensor([37, 0, 5, 1, 20])  # a full row, an empty row, a 1-token row
+    val = torch.randn(B, R, generator=g).to(dtype) + 0.5  # a mean away from 0: a wrong merge shows
+    lens = torch.randint(R // 2, R + 1, (B,), generator=g)
+    lens[:4] = torch.tensor([R, 0, 5, 1])  # a full row, an empty row, a 1-token row
     m = torch.arange(R)[None, :] < lens[:, None]
+    if B > 5:
+        assert B * R > 2048 and all(m.flatten()[i:i + 1024].any() for i in range(0, B * R, 1024))
     mk = m if mask_kind == "bool" else m.float()
     out = K.em_token_advantage(rew.to(DEV), val.to(DEV), mk.to(DEV))
     ref = em_token_advantage_reference(rew.double(), val.double(), m)
@@ -377,13 +382,16 @@ def test_gspo_hand_example(backend):
 @pytest.mark.parametrize("kind", ["gspo", "ppo"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
 @pytest.mark.parametrize("clip_c", [None, 3.0])
-def test_policy_loss_matches_reference(backend, kind, agg, clip_c):
+@pytest.mark.parametrize("R", [37, 1100])
+def test_policy_loss_matches_reference(backend, kind, agg, clip_c, R):
+    # R = 1100: longer than one column block of the Triton kernel (64 in the interpreter, 1,024 on
+    # GPUs), so GSPO's sequence ratio and the row sums run through the column loop.
     g = torch.Generator().manual_seed(13)
-    B, R = 5, 37
+    B = 5
     old = -torch.rand(B, R, generator=g) * 3
     logp = old + torch.randn(B, R, generator=g) * 0.3
     adv = torch.randn(B, R, generator=g)
-    lens = torch.tensor([37, 0, 1, 20, 33])  # includes a fully masked row and a 1-token row
+    lens = torch.tensor([R, 0, 1, R * 20 // 37, R - 4])  # includes a fully masked row and a 1-token row
     mask = torch.arange(R)[None, :] < lens[:, None]
     kw = dict(kind=kind, clip_low=0.2, clip_high=0.28, clip_c=clip_c, agg=agg)
     loss, grad, st = _loss_and_grad(logp.to(DEV), old.to(DEV), adv.to(DEV), mask.to(DEV), **kw)

@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from tempo.config import Optim
+
 LossFn = Callable[[dict[str, torch.Tensor], "TokenBatch"], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -86,16 +88,23 @@ class TrainableLM(ABC):
     def load_optimizer(self, path: str) -> None: ...
 
 
-def finish_step(optimizer: torch.optim.Optimizer, totals: dict[str, float], grad_norm: float,
+def finish_step(optimizer: torch.optim.Optimizer, optim: Optim, totals: dict[str, float], grad_norm: float,
                 finite_loss: bool) -> dict[str, float]:
-    """Step the optimiser, unless the loss or the gradient norm is not finite: then the
-    gradients are dropped and the optimiser (weights, moments, step count) is left untouched."""
+    """Step the optimiser at this step's learning rate, unless the loss or the gradient norm is
+    not finite: then the gradients are dropped and the optimiser (weights, moments, step
+    count) is left untouched."""
     totals["grad_norm"] = grad_norm
     totals["nonfinite"] = float(not (finite_loss and math.isfinite(grad_norm)))
     if totals["nonfinite"]:
         optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
+        return totals
+    # Warm-up counts the optimiser's own steps (kept in its state: a resumed run continues it).
+    taken = next((int(state["step"]) for state in optimizer.state.values() if "step" in state), 0)
+    lr = optim.lr * min(1.0, (taken + 1) / optim.warmup_steps) if optim.warmup_steps else optim.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    totals["lr"] = lr
     return totals
 
 

@@ -31,11 +31,11 @@ class Olmo3ForTokenClassification(GenericForTokenClassification, Olmo3PreTrained
 AutoModelForTokenClassification.register(Olmo3Config, Olmo3ForTokenClassification, exist_ok=True)
 
 
-def load_policy_module(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_policy_module(path: str, dtype: torch.dtype, attn: str = "sdpa") -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
-def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) -> torch.nn.Module:
+def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool, attn: str = "sdpa") -> torch.nn.Module:
     """A critic checkpoint, or a new value head on the policy's trunk (`init_from_policy`)."""
     cfg = AutoConfig.from_pretrained(path)
     cfg.num_labels = 1  # passing num_labels= to from_pretrained fails in transformers 5
@@ -45,7 +45,8 @@ def load_critic_module(path: str, dtype: torch.dtype, init_from_policy: bool) ->
         hf_logging.set_verbosity_error()
     try:
         with torch.random.fork_rng():  # a new head's random init must not shift the sampling RNG
-            module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype)
+            module = AutoModelForTokenClassification.from_pretrained(path, config=cfg, dtype=dtype,
+                                                                     attn_implementation=attn)
     finally:
         hf_logging.set_verbosity(verbosity)
     if init_from_policy:
@@ -108,20 +109,28 @@ class HFModel(TrainableLM):
     root), and the ranks split each step's micro-batches."""
 
     def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
-                 share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False):
+                 share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False,
+                 compute_dtype: torch.dtype = torch.float32):
         assert kind in ("policy", "critic")
         self.module, self.kind = module, kind
         if recompute == "full":  # each layer's input kept, the rest recomputed in backward
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # A recomputed layer would write the shared prompt's KV cache a second time.
         self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none")
-        self.grad_clip = optim.grad_clip
+        self.grad_clip, self.optim = optim.grad_clip, optim
         self.world = dist.get_world_size() if data_parallel else 1
         self.rank = dist.get_rank() if data_parallel else 0
+        # Mixed precision: the weights (and so AdamW's update) stay in their dtype, fp32 from
+        # build: the master copy that a 1e-6 learning rate needs (bf16 would round it away);
+        # matmuls run in compute_dtype (FSDP2 casts its gathered shards; one process autocasts).
+        self.autocast = compute_dtype != torch.float32 and self.world == 1
+        self.compute_dtype = compute_dtype
         if self.world > 1:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            units = [fully_shard(layer) for layer in module.model.layers] + [fully_shard(self.scorer)]
+            mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+            units = [fully_shard(layer, mp_policy=mp) for layer in module.model.layers]
+            units.append(fully_shard(self.scorer, mp_policy=mp))
             for unit in units:
                 # The loop's micro-batch losses are shares of the mini-batch loss: sum, do not
                 # average (as plain SUMs: gloo has no pre-scaled sum).
@@ -132,7 +141,9 @@ class HFModel(TrainableLM):
                                            betas=optim.betas, fused=True)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        return self.scorer(batch.input_ids, batch.attention_mask, batch.response_len)
+        device = batch.input_ids.device.type
+        with torch.autocast(device, dtype=self.compute_dtype, enabled=self.autocast):
+            return self.scorer(batch.input_ids, batch.attention_mask, batch.response_len)
 
     def _my_micro_batches(self, micro_batches: list[TokenBatch]) -> list[tuple[int, TokenBatch]]:
         """This rank's (index, micro-batch) pairs, round-robin; every rank gets as many (index -1:
@@ -185,7 +196,7 @@ class HFModel(TrainableLM):
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         totals = {k: v / len(micro_batches) for k, v in sums.items()}
-        return finish_step(self.optimizer, totals, float(grad_norm), finite)
+        return finish_step(self.optimizer, self.optim, totals, float(grad_norm), finite)
 
     def eval(self) -> None:
         self.module.eval()

@@ -235,7 +235,7 @@ class MegatronModel(TrainableLM):
         assert kind in ("policy", "critic")
         self.hf_config, self.kind = hf_config, kind
         self.shape = s = ModelShape.from_hf(hf_config)
-        self.temperature, self.grad_clip = temperature, optim.grad_clip
+        self.temperature, self.grad_clip, self.optim = temperature, optim.grad_clip, optim
         self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         self.dp = ps.get_data_parallel_world_size()
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -445,7 +445,7 @@ class MegatronModel(TrainableLM):
         self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
         self._finish_grads()
         grad_norm = self._clip_grads()  # global over ranks: every rank takes the same decision
-        return finish_step(self.optimizer, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
+        return finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
 
     def _finish_grads(self) -> None:
         for p in self.params:

@@ -1,0 +1,125 @@
+"""Rollout with vLLM, colocated with training (`rollout.engine=vllm`; `pip install .[gpu]`).
+
+vLLM sleeps between rollouts (level 1: weights backed up to CPU memory, KV cache dropped), so
+training has the GPU. A rollout:
+
+  wake the weights -> load the policy's new weights, bucket by bucket, through the model's own
+  `load_weights` (HF names; vLLM fuses q/k/v and gate/up itself) -> reset the prefix cache
+  (its entries were computed by the old weights) -> wake the KV cache -> generate -> sleep.
+
+`sync_weights` only records the new weights; they are loaded at the next wake, after the
+weights' wake: waking copies vLLM's CPU backup back, so weights loaded before it would be
+silently replaced by the base model's (the pitfall tests/test_vllm_engine.py checks).
+
+Under torchrun every rank runs its own vLLM inside the training process
+(`distributed_executor_backend="external_launcher"`) with the trainer's tensor-parallel size,
+and every rank samples the same rollouts (one seed per call, the same on every rank), as the
+EM loop expects. The engine returns the token ids and each sampled token's log-prob.
+
+Written against vLLM's documented `LLM` API (sleep, wake_up with tags, reset_prefix_cache,
+apply_model, generate with SamplingParams); never run on a GPU here.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from tempo.config import RolloutConfig
+from tempo.errors import ConfigError
+from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
+
+BUCKET_BYTES = 512 << 20
+
+
+def buckets(weights: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) pairs in their order, grouped into lists of at most `max_bytes` (a larger
+    tensor is a bucket of its own): the memory a sync holds at once is one bucket."""
+    bucket, size = [], 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def start_llm(cfg: RolloutConfig, model_path: str, *, tensor_parallel: int, dtype: str, seed: int, world_size: int):
+    try:
+        from vllm import LLM
+    except ImportError as err:
+        raise ConfigError("rollout.engine: vllm is not installed (pip install .[gpu], on a GPU machine)") from err
+    return LLM(model=model_path, tensor_parallel_size=tensor_parallel, dtype=dtype, seed=seed,
+               gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=True,
+               enable_prefix_caching=True, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+               distributed_executor_backend="external_launcher" if world_size > 1 else None)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    def __init__(self, cfg: RolloutConfig, llm, tokenizer, seed: int, bucket_bytes: int = BUCKET_BYTES):
+        super().__init__(cfg)
+        self.llm, self.tokenizer, self.bucket_bytes = llm, tokenizer, bucket_bytes
+        self.seed, self.calls = seed, 0
+        self.pending: Iterable[tuple[str, torch.Tensor]] | None = None
+        self.llm.sleep(level=1)
+
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Recorded, loaded at the next wake (see the module's docstring). Under Megatron the
+        export is a collective generator: every rank consumes it at the same point, the next
+        rollout."""
+        self.pending = weights
+
+    def _load_pending(self) -> None:
+        if self.pending is None:
+            return
+        for bucket in buckets(self.pending, self.bucket_bytes):
+            self.llm.apply_model(lambda model, b=bucket: model.load_weights(b))
+        self.pending = None
+
+    def generate(self, prompts: list[str], n: int, *, temperature: float | None = None) -> Rollouts:
+        from vllm import SamplingParams
+
+        self.llm.wake_up(tags=["weights"])
+        self._load_pending()
+        self.llm.reset_prefix_cache()
+        self.llm.wake_up(tags=["kv_cache"])
+        try:
+            params = SamplingParams(
+                n=n, temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens, min_tokens=self.cfg.min_new_tokens, logprobs=0,
+                seed=self.seed + self.calls)  # the same on every rank: every rank trains on the same rollouts
+            self.calls += 1
+            ids = [self.tokenizer(p).input_ids for p in prompts]  # as the HF engine tokenizes
+            if max(map(len, ids), default=0) > self.cfg.max_prompt_tokens:
+                i = max(range(len(ids)), key=lambda k: len(ids[k]))
+                raise ConfigError(f"rollout.max_prompt_tokens: a prompt has {len(ids[i])} tokens, more than "
+                                  f"{self.cfg.max_prompt_tokens}: {prompts[i][:80]!r}")
+            outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        finally:
+            self.llm.sleep(level=1)
+        return self._rollouts(ids, outputs, n)
+
+    def _rollouts(self, prompt_ids: list[list[int]], outputs, n: int) -> Rollouts:
+        """vLLM's outputs as left-padded prompts, right-padded responses and their log-probs."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(map(len, prompt_ids))
+        prompts = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros(len(prompt_ids), width, dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            prompts[i, width - len(ids):], prompt_mask[i, width - len(ids):] = torch.tensor(ids), 1
+        samples = [s for out in outputs for s in out.outputs]
+        if len(samples) != len(prompt_ids) * n:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for {len(prompt_ids)} prompts × {n}")
+        rows = [list(s.token_ids) for s in samples]
+        ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
+        logprobs = torch.zeros(ids.shape)
+        for i, s in enumerate(samples):
+            for t, (token, entry) in enumerate(zip(s.token_ids, s.logprobs or [])):
+                if t < ids.shape[1] and mask[i, t]:
+                    logprobs[i, t] = entry[token].logprob
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollouts(prompts.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), ids, mask, logprobs,
+                        texts, truncated)
