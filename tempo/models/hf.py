@@ -115,8 +115,10 @@ class HFModel(TrainableLM):
         self.module, self.kind = module, kind
         if recompute == "full":  # each layer's input kept, the rest recomputed in backward
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # A recomputed layer would write the shared prompt's KV cache a second time.
-        self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none")
+        # A recomputed layer would write the shared prompt's KV cache a second time; under FSDP2
+        # every rank must run its units as often as the others, which the shared path (two
+        # passes, or one when a micro-batch has no repeated prompt) does not guarantee.
+        self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none" and not data_parallel)
         self.grad_clip, self.optim = optim.grad_clip, optim
         self.world = dist.get_world_size() if data_parallel else 1
         self.rank = dist.get_rank() if data_parallel else 0
