@@ -83,15 +83,12 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         # The HF engine samples with its own copy of the policy, refreshed from export_weights().
         sampler = lambda: load_policy_module(policy_path, dtype)  # noqa: E731
     else:
-        from tempo.dist import launched_world_size
+        from tempo.dist import init_process_group, launched_world_size
         from tempo.models.hf import HFModel, load_critic_module
 
         data_parallel = launched_world_size() > 1  # torchrun: FSDP2 over every rank
         if data_parallel:
-            # HFModel's FSDP2 matches one process (tests/test_fsdp.py), but two EM steps on two
-            # ranks hung in a collective: refused until that is found, rather than hanging.
-            raise ConfigError("model.backend=hf under torchrun (FSDP2) is not supported yet: the EM loop hangs; "
-                              "use model.backend=megatron for multi-process runs")
+            init_process_group()
         # Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype.
         options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=data_parallel,
                        compute_dtype=dtype)

@@ -24,6 +24,10 @@ def runs(ckpts) -> dict[int, dict]:
 def test_two_fsdp2_processes_match_one(runs):
     assert runs[2]["sharded"] and not runs[1]["sharded"]
     assert_same_run(runs[2], runs[1])
+    one, two = runs[1]["one_micro_batch_step"], runs[2]["one_micro_batch_step"]
+    assert set(one) == set(two) and "loss" in two
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=TOL, abs=TOL), key
 
 
 def test_a_sharded_checkpoint_loads_in_hf(ckpts, runs):

@@ -338,7 +338,8 @@ def save_policy_and_critic(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["model.backend=megatron model.tensor_parallel=2",
-                                    "model.backend=megatron model.pipeline_parallel=2"])
+                                    "model.backend=megatron model.pipeline_parallel=2",
+                                    "model.backend=hf"])  # FSDP2 over the two ranks
 def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
     """Two EM steps of the embedded task on two ranks: rollouts, rewards, E- and M-step metrics
     as with the HF backend in one process.

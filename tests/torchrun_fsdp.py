@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from torchrun_megatron import OPTIM, run_steps, token_batch
+from torchrun_megatron import OPTIM, run_steps, token_batch, value_loss
 
 
 def main() -> None:
@@ -39,6 +39,10 @@ def main() -> None:
     res["sharded"] = sharded and all(hasattr(p, "full_tensor") for p in policy.module.model.layers.parameters())
     policy.save(f"{args.save}/policy")
     critic.save(f"{args.save}/critic")
+    # One micro-batch for two ranks: the second runs only a stand-in, and must still reduce
+    # the same list of statistics (an EM step's E-step on few labeled rows does this).
+    batch = token_batch()
+    res["one_micro_batch_step"] = critic.train_step([batch], lambda o, mb: value_loss(o, mb, len(batch)))
     if dist.get_rank() == 0:
         torch.save(res, args.out)
     dist.barrier()

@@ -182,8 +182,10 @@ class HFModel(TrainableLM):
         mine = self._my_micro_batches(micro_batches) if self.world > 1 else list(enumerate(micro_batches))
         for j, mb in mine:
             loss, stats = loss_fn(self.forward(mb), mb)
-            if j < 0:
+            if j < 0:  # a stand-in: its keys still count, so that every rank reduces the same list
                 loss = loss * 0.0
+                for k in stats:
+                    sums.setdefault(k, 0.0)
             else:
                 finite &= bool(torch.isfinite(loss))
                 for k, v in stats.items():
