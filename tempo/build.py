@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from tempo.config import Config
 from tempo.data import Problem, format_prompt, load_problems, mark_labeled, split_labeled
+from tempo.dist import init_process_group, launched_world_size
 from tempo.errors import ConfigError
 from tempo.models.base import TrainableLM, has_value_head
 from tempo.rollout.base import RolloutEngine
@@ -80,10 +81,7 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
                             **layout)
         critic = load_model(critic_source, "critic", init_from_policy=new_head, optim=t.optim("critic"),
                             **layout) if need_critic else None
-        # The HF engine samples with its own copy of the policy, refreshed from export_weights().
-        sampler = lambda: load_policy_module(policy_path, dtype)  # noqa: E731
     else:
-        from tempo.dist import init_process_group, launched_world_size
         from tempo.models.hf import HFModel, load_critic_module
 
         data_parallel = launched_world_size() > 1  # torchrun: FSDP2 over every rank
@@ -97,13 +95,8 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
                          temperature=cfg.rollout.temperature, **options)
         critic = HFModel(load_critic_module(critic_source, torch.float32, init_from_policy=new_head, attn=attn),
                          "critic", t.optim("critic"), **options) if need_critic else None
-        # One process generates with the policy's own module (weight sync is free); FSDP2's
-        # shards cannot generate, so each rank then samples with a full copy, refreshed from
-        # export_weights() as under Megatron.
-        sampler = (lambda: load_policy_module(policy_path, dtype)) if data_parallel else (lambda: policy.module)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     if cfg.rollout.engine == "vllm":  # vLLM holds its own copy of the policy, refreshed every M-step
-        from tempo.dist import launched_world_size
         from tempo.rollout.vllm import VLLMRolloutEngine, start_llm
 
         tp = cfg.model.tensor_parallel if cfg.model.backend == "megatron" else 1
@@ -112,4 +105,9 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         return Models(policy, critic, VLLMRolloutEngine(cfg.rollout, llm, tokenizer, seed=t.seed), tokenizer)
     from tempo.rollout.hf import HFRolloutEngine
 
-    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler(), tokenizer, share_prompts=share), tokenizer)
+    # One HF process generates with the policy's own module (weight sync is free); Megatron's
+    # and FSDP2's shards cannot generate, so each rank samples with a full copy, refreshed from
+    # export_weights().
+    own = cfg.model.backend == "hf" and launched_world_size() == 1
+    sampler = policy.module if own else load_policy_module(policy_path, dtype)
+    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share), tokenizer)

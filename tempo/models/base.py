@@ -18,6 +18,11 @@ import torch
 
 from tempo.config import Optim
 
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: they count real tokens only, as during generation."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 LossFn = Callable[[dict[str, torch.Tensor], "TokenBatch"], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -40,8 +45,7 @@ class TokenBatch:
         return self.input_ids.shape[0]
 
     def position_ids(self) -> torch.Tensor:
-        # Left padding: positions count real tokens only, as during generation.
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return left_padded_positions(self.attention_mask)
 
     def select(self, idx: torch.Tensor | slice) -> "TokenBatch":
         return TokenBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 import tempo_kernels
 from tempo.config import Optim
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, left_padded_positions
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -83,9 +83,10 @@ class Scorer(torch.nn.Module):
         """The trunk's hidden states at the R positions that score the response, [B, R, H]."""
         trunk = self.module.model  # Qwen3Model / Olmo3Model: the shared transformer body
         P = input_ids.shape[1] - R
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count
-        prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1),
-                                        dim=0, return_inverse=True)
+        positions = left_padded_positions(attention_mask)
+        if self.share_prompts and P > 0:
+            prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1),
+                                            dim=0, return_inverse=True)
         if not self.share_prompts or P == 0 or len(prompts) == len(input_ids):
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
             return hidden[:, -R - 1:-1]
@@ -95,7 +96,7 @@ class Scorer(torch.nn.Module):
         cache = DynamicCache(config=trunk.config)
         prompt_mask = prompts[:, P:]
         head = trunk(input_ids=prompts[:, :P], attention_mask=prompt_mask,
-                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+                     position_ids=left_padded_positions(prompt_mask), past_key_values=cache,
                      use_cache=True).last_hidden_state
         cache.batch_select_indices(inverse)
         tail = trunk(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],

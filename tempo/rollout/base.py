@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 
 from tempo.config import RolloutConfig
+from tempo.errors import ConfigError
 from tempo.models.base import TokenBatch
 
 
@@ -73,6 +74,14 @@ class RolloutEngine(ABC):
     @abstractmethod
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take the policy's new weights (HF names) after an M-step."""
+
+
+def check_prompt_lengths(lengths: list[int], prompts: list[str], limit: int) -> None:
+    """A prompt over `rollout.max_prompt_tokens` is an error naming it (the memory plan counts on the limit)."""
+    if lengths and max(lengths) > limit:
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        raise ConfigError(f"rollout.max_prompt_tokens: a prompt has {lengths[i]} tokens, more than {limit}: "
+                          f"{prompts[i][:80]!r}")
 
 
 def pad_responses(responses: list[list[int]], eos_id: int, pad_id: int, max_len: int):

@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from tempo.config import RolloutConfig
-from tempo.errors import ConfigError
-from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
+from tempo.models.base import left_padded_positions
+from tempo.rollout.base import RolloutEngine, Rollouts, check_prompt_lengths, pad_responses
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -35,11 +35,7 @@ class HFRolloutEngine(RolloutEngine):
         self.module.eval()
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        lengths = enc.attention_mask.sum(-1)
-        if int(lengths.max()) > self.cfg.max_prompt_tokens:
-            i = int(lengths.argmax())
-            raise ConfigError(f"rollout.max_prompt_tokens: a prompt has {int(lengths[i])} tokens, more than "
-                              f"{self.cfg.max_prompt_tokens}: {prompts[i][:80]!r}")
+        check_prompt_lengths(enc.attention_mask.sum(-1).tolist(), prompts, self.cfg.max_prompt_tokens)
         prompt_ids = enc.input_ids.repeat_interleave(n, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
         gen_cfg = self._generation_config(temperature)
@@ -66,7 +62,7 @@ class HFRolloutEngine(RolloutEngine):
             return None
         cache = DynamicCache(config=self.module.config)
         head, head_mask = ids[:, :-1], mask[:, :-1]
-        self.module.model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+        self.module.model(input_ids=head, attention_mask=head_mask, position_ids=left_padded_positions(head_mask),
                           past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n)
         return cache

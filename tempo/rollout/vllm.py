@@ -27,7 +27,7 @@ import torch
 
 from tempo.config import RolloutConfig
 from tempo.errors import ConfigError
-from tempo.rollout.base import RolloutEngine, Rollouts, pad_responses
+from tempo.rollout.base import RolloutEngine, Rollouts, check_prompt_lengths, pad_responses
 
 BUCKET_BYTES = 512 << 20
 
@@ -93,10 +93,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 seed=self.seed + self.calls)  # the same on every rank: every rank trains on the same rollouts
             self.calls += 1
             ids = [self.tokenizer(p).input_ids for p in prompts]  # as the HF engine tokenizes
-            if max(map(len, ids), default=0) > self.cfg.max_prompt_tokens:
-                i = max(range(len(ids)), key=lambda k: len(ids[k]))
-                raise ConfigError(f"rollout.max_prompt_tokens: a prompt has {len(ids[i])} tokens, more than "
-                                  f"{self.cfg.max_prompt_tokens}: {prompts[i][:80]!r}")
+            check_prompt_lengths([len(x) for x in ids], prompts, self.cfg.max_prompt_tokens)
             outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         finally:
             self.llm.sleep(level=1)
