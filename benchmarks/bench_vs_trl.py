@@ -4,7 +4,7 @@ Model: 4 layers, hidden 256, FFN 768, 4 heads / 2 KV heads, head_dim 64, charact
 vocabulary (random init, seed 0). Batch: 8 prompts × 8 samples × 16 new tokens, generation
 forced to full length on both sides (`min_new_tokens`), so that both do the same work. Each
 measurement is a fresh subprocess (its own peak RSS) that takes WARMUP steps, then times STEPS;
-the workers are interleaved (TRL, rlvr, ttrl, tempo, TRL, ...) for REPS repetitions, so that
+the workers are interleaved (TRL, grpo, ttrl, tempo, rlvr, TRL, ...) for REPS repetitions, so that
 a drift of the machine hits every side alike. TRL is a benchmark-only dependency:
 
     .venv/bin/pip install trl==1.16.0
@@ -12,7 +12,10 @@ a drift of the machine hits every side alike. TRL is a benchmark-only dependency
 
 Our steps include everything the EM loop does (rollout, grading, old log-probs, the critic's
 forward, E-step and M-step for TEMPO); TRL's include its generation and one optimiser step
-(`beta=0`: no reference model, like ours).
+(`beta=0`: no reference model, like ours). Both sides run at the same precision, once in fp32
+and once in bf16 autocast over fp32 weights (TRL's default, `bf16=True`; ours
+`model.dtype=bfloat16`): which one is faster depends on the CPU (bf16 matmuls are fast only
+where the CPU has bf16 instructions).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pathlib import Path
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
 WARMUP, STEPS, REPS = 2, 5, 5
-SIDES = ["trl", "rlvr", "ttrl", "tempo"]
+SIDES = ["trl", "grpo", "ttrl", "tempo", "rlvr"]
+PRECISIONS = ["float32", "bfloat16"]
 SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, ffn_size=768)
 OUT = Path(__file__).resolve().parent / "results" / "vs_trl_cpu.md"
 
@@ -68,7 +72,7 @@ def clock(phases: dict[str, float], obj, method: str, phase: str) -> None:
     setattr(obj, method, timed)
 
 
-def run_ours(model: str, method: str) -> tuple[list[float], dict[str, float]]:
+def run_ours(model: str, method: str, dtype: str) -> tuple[list[float], dict[str, float]]:
     """Step times, and the timed steps' mean seconds per phase of a step."""
     from tempo.build import build_models
     from tempo.config import load_config
@@ -76,9 +80,9 @@ def run_ours(model: str, method: str) -> tuple[list[float], dict[str, float]]:
     from tempo.methods import METHODS
     from tempo.task import TaskSplits
 
-    labeled = 2 if method == "tempo" else (PROMPTS if method == "rlvr" else 0)
+    labeled = {"tempo": 2, "rlvr": PROMPTS, "grpo": PROMPTS}.get(method, 0)
     cfg = load_config(None, [
-        f"model.policy_path={model}", f"algorithm.method={method}", "algorithm.filter_groups=false",
+        f"model.policy_path={model}", f"model.dtype={dtype}", f"algorithm.method={method}", "algorithm.filter_groups=false",
         f"rollout.n={SAMPLES}", f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}",
         f"train.prompts_per_step={PROMPTS}", f"train.labeled_per_step={labeled}", "train.mini_batches=1",
         f"train.micro_batch_size={PROMPTS * SAMPLES}", "algorithm.recalibrate_every=1"])
@@ -105,7 +109,7 @@ def run_ours(model: str, method: str) -> tuple[list[float], dict[str, float]]:
     return times[WARMUP:], {k: v / STEPS for k, v in phases.items()}
 
 
-def run_trl(model: str) -> tuple[list[float], dict[str, float]]:
+def run_trl(model: str, dtype: str) -> tuple[list[float], dict[str, float]]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -130,37 +134,29 @@ def run_trl(model: str) -> tuple[list[float], dict[str, float]]:
             output_dir=out, use_cpu=True, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
             max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
             max_steps=WARMUP + STEPS, learning_rate=5e-5, beta=0.0, report_to=[], logging_steps=10**6,
-            save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, seed=0, dataloader_num_workers=0)
+            save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, seed=0, dataloader_num_workers=0,
+            bf16=dtype == "bfloat16")
         trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), reward_funcs=reward, args=args,
                               train_dataset=data, processing_class=tok, callbacks=[Clock()])
         trainer.train()
     return times[WARMUP:], {}
 
 
-def worker(side: str, model: str) -> None:
-    times, phases = run_trl(model) if side == "trl" else run_ours(model, side)
+def worker(side: str, model: str, dtype: str) -> None:
+    times, phases = run_trl(model, dtype) if side == "trl" else run_ours(model, side, dtype)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"side": side, "times": times, "phases": phases, "peak_mb": peak_mb}))
 
 
-def main() -> None:
-    import torch
-    import transformers
-    import trl
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model"
-        build_model(model)
-        results: dict[str, list[dict]] = {s: [] for s in SIDES}
-        for rep in range(REPS):
-            for side in SIDES:
-                proc = subprocess.run([sys.executable, __file__, "--worker", side, str(model)], capture_output=True,
-                                      text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-                results[side].append(json.loads(line[0][7:]))
-                print(f"rep {rep} {side}: median {statistics.median(results[side][-1]['times']):.3f} s/step", flush=True)
+
+def table(results: dict[str, list[dict]], dtype: str) -> tuple[list[str], list[str]]:
+    """Rows of the speed table and of the phase profile, for one precision."""
     tokens = PROMPTS * SAMPLES * NEW_TOKENS
     trl_median = statistics.median(t for r in results["trl"] for t in r["times"])
     rows, profile = [], []
@@ -168,36 +164,70 @@ def main() -> None:
         times = [t for r in results[side] for t in r["times"]]
         med = statistics.median(times)
         per_process = ", ".join(f"{trl_median / statistics.median(r['times']):.2f}" for r in results[side])
-        rows.append(f"| {side if side != 'trl' else 'TRL GRPOTrainer'} | {med:.3f} | {min(times):.3f} | {max(times):.3f} | "
-                    f"{tokens / med:.0f} | {trl_median / med:.2f}× | {per_process} | "
+        rows.append(f"| {dtype} | {side if side != 'trl' else 'TRL GRPOTrainer'} | {med:.3f} | {min(times):.3f} | "
+                    f"{max(times):.3f} | {tokens / med:.0f} | {trl_median / med:.2f}× | {per_process} | "
                     f"{max(r['peak_mb'] for r in results[side]):.0f} |")
         if side != "trl":
             phases = {k: statistics.mean(r["phases"][k] for r in results[side]) for k in results[side][0]["phases"]}
             total = sum(phases.values())
-            profile.append(f"| {side} | " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in phases.items()) + " |")
+            profile.append(f"| {dtype} | {side} | " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})"
+                                                              for k, v in phases.items()) + " |")
+    return rows, profile
+
+
+def main() -> None:
+    import torch
+    import transformers
+    import trl
+
+    results: dict[tuple[str, str], list[dict]] = {(d, s): [] for d in PRECISIONS for s in SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        build_model(model)
+        for rep in range(REPS):
+            for dtype in PRECISIONS:
+                for side in SIDES:
+                    proc = subprocess.run([sys.executable, __file__, "--worker", side, str(model), dtype],
+                                          capture_output=True, text=True,
+                                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    if proc.returncode or not line:
+                        raise SystemExit(f"{side} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+                    results[dtype, side].append(json.loads(line[0][7:]))
+                    print(f"rep {rep} {dtype} {side}: median "
+                          f"{statistics.median(results[dtype, side][-1]['times']):.3f} s/step", flush=True)
+    rows, profile = [], []
+    for dtype in PRECISIONS:
+        r, p = table({s: results[dtype, s] for s in SIDES}, dtype)
+        rows += r
+        profile += p
     load = os.getloadavg()[0]
     OUT.write_text("\n".join([
         "# This trainer vs TRL's GRPOTrainer, side by side on CPU",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, load average {load:.2f} at the end; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {date.today()}.",
+        f"Machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} torch threads, load average "
+        f"{load:.2f} at the end; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+        f"{trl.__version__}; {date.today()}.",
         f"Model: tiny Qwen3 ({SHAPE}), character vocabulary. Batch: {PROMPTS} prompts × {SAMPLES} samples × "
-        f"{NEW_TOKENS} new tokens, forced to full length. Each side: {REPS} fresh processes, interleaved, "
-        f"{STEPS} timed steps each after {WARMUP} warm-up.",
+        f"{NEW_TOKENS} new tokens, forced to full length. Each side and precision: {REPS} fresh processes, "
+        f"interleaved, {STEPS} timed steps each after {WARMUP} warm-up. Each precision's ratios are against TRL "
+        "at the same precision.",
         f"Command: `python benchmarks/bench_vs_trl.py`",
         "",
-        "| side | median s/step | min | max | completion tokens/s | vs TRL (tokens/s) | each process vs TRL | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| precision | side | median s/step | min | max | completion tokens/s | vs TRL (tokens/s) | "
+        "each process vs TRL | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Where this trainer's step goes (mean seconds per timed step, over the processes):",
         "",
-        "| side | phases |",
-        "|---|---|",
+        "| precision | side | phases |",
+        "|---|---|---|",
         *profile,
-        "",
-        "rlvr: 8 labeled prompts, verified reward, and like TEMPO a critic (advantage R − V, an E-step every step): "
-        "TRL's work plus a critic's forward and update; ttrl: 8 unlabeled prompts, majority-vote reward, GRPO; "
+        "grpo: RLVR as TRL runs it (8 labeled prompts, verified reward, group-normalised advantage, no critic): "
+        "the like-for-like side; ttrl: 8 unlabeled prompts, majority-vote reward, GRPO; "
+        "rlvr: this trainer's control for TEMPO (8 labeled prompts, verified reward, and like TEMPO a critic: "
+        "advantage R − V, an E-step every step), TRL's work plus a critic's forward and update; "
         "tempo: 2 labeled + 6 unlabeled, critic forward, E-step and M-step included. This trainer runs each "
         "prompt once for its 8 samples (`model.share_prompts`, in the rollout's prefill and in the forward and "
         "backward of both models); TRL runs every row in full.",
@@ -207,7 +237,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
     else:
         main()

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from tempo.config import Config
 from tempo.data import Problem, format_prompt, load_problems, mark_labeled, split_labeled
-from tempo.dist import init_process_group, launched_world_size
+from tempo.dist import device, init_process_group, launched_world_size
 from tempo.errors import ConfigError
 from tempo.models.base import TrainableLM, has_value_head
 from tempo.rollout.base import RolloutEngine
@@ -109,5 +109,6 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     # and FSDP2's shards cannot generate, so each rank samples with a full copy, refreshed from
     # export_weights().
     own = cfg.model.backend == "hf" and launched_world_size() == 1
-    sampler = policy.module if own else load_policy_module(policy_path, dtype)
-    return Models(policy, critic, HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share), tokenizer)
+    sampler = policy.module if own else load_policy_module(policy_path, dtype).to(device())
+    engine = HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share, compute_dtype=dtype)
+    return Models(policy, critic, engine, tokenizer)

@@ -23,6 +23,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device() -> torch.device:
+    """This process's device: its GPU (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -97,4 +97,6 @@ METHODS: dict[str, Method] = {
                    "EMPO: reward = frequency of the response's semantic answer cluster"),
     "rlvr": Method(None, True, periodic, EM_TOKEN, True,
                    "RL with verifiable rewards on TEMPO's labeled prompts only: the control for the critic's reward on D_U"),
+    "grpo": Method(None, True, never, GRPO, False,
+                   "RLVR as TRL and verl run it: verified reward on labeled prompts, group-normalised advantage, no critic"),
 }

@@ -78,7 +78,8 @@ def test_same_seed_same_metrics(tmp_path, micro_model):
     assert firsts[0] == firsts[1]
 
 
-@pytest.mark.parametrize("method", ["ttrl", "empo", "m-step-only", "tempo-fixed-critic", "rlvr", "tempo-adaptive"])
+@pytest.mark.parametrize("method", ["ttrl", "empo", "m-step-only", "tempo-fixed-critic", "rlvr", "tempo-adaptive",
+                                    "grpo"])
 def test_methods_are_configs(tmp_path, micro_model, method):
     cfg = micro_config(tmp_path, micro_model, f"algorithm.method={method}", "train.steps=1",
                        "eval.every=5", "run.save_checkpoints=false", "stage1.steps=0", "stage1.critic_epochs=0")
@@ -87,6 +88,9 @@ def test_methods_are_configs(tmp_path, micro_model, method):
     # Only RLVR recalibrates at step 1; adaptive TEMPO takes its Brier yardstick there.
     assert step["recalibrations"] == (1 if method == "rlvr" else 0)
     assert ("critic/value_loss" in step) == (method == "rlvr")
+    # RLVR and GRPO draw labeled prompts only: no pseudo-reward to monitor.
+    assert ("drift/pseudo_acc" in step) == (method not in ("rlvr", "grpo"))
+    assert ("labeled_acc" in step) == (method not in ("ttrl", "empo", "m-step-only"))
 
 
 def test_empty_labeled_set_is_a_config_error(tmp_path, micro_model):

@@ -121,7 +121,7 @@ def launch(ckpts, name: str, nproc: int, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def one_process(ckpts) -> dict:
     """TP=1 megatron (recomputing activations or not) and the HF backend, same batch, same steps."""
-    return launch(ckpts, "one", 1, "--layouts", "1,1", "1,1,selective", "1,1,full", "--reference")
+    return launch(ckpts, "one", 1, "--layouts", "1,1", "1,1,selective", "1,1,full", "1,1,bf16", "--reference")
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +266,20 @@ def test_tp1_step_matches_hf(one_process, policy):
 @pytest.mark.parametrize("policy", [0, 2])
 def test_recomputed_activations_give_the_same_step(one_process, policy, recompute):
     assert_same_run(one_process[f"{policy}/1x1x1,{recompute}"], one_process[f"{policy}/1x1x1"], tol=1e-6)
+
+
+@pytest.mark.parametrize("policy", [0, 2])
+def test_bf16_weights_step_fp32_masters(one_process, policy):
+    """AdamW steps fp32 masters; the bf16 weights are their rounding, and the step follows fp32's."""
+    bf16, fp32 = one_process[f"{policy}/1x1x1,bf16"], one_process[f"{policy}/1x1x1"]
+    assert {dtype for dtype, _ in bf16["masters"]} == {torch.float32}
+    assert all(rounded for _, rounded in bf16["masters"])
+    assert all(dtype == torch.float32 and rounded for dtype, rounded in fp32["masters"])  # their own masters
+    for name, value in fp32["policy_weights"].items():
+        assert bf16["policy_weights"][name].dtype == torch.bfloat16
+        diff = (bf16["policy_weights"][name].float() - value).abs().max().item()
+        assert diff <= 0.01 * value.abs().max().item() + 1e-3, name
+    assert bf16["policy_step"]["loss"] == pytest.approx(fp32["policy_step"]["loss"], rel=0.05, abs=0.02)
 
 
 def test_critic_from_policy_starts_at_zero_and_build_keeps_rng(one_process):

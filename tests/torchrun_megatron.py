@@ -1,7 +1,8 @@
 """Launched by tests/test_megatron.py under torchrun: the Megatron backend on tiny Qwen3/OLMo3.
 
 For each layout (tp,pp[,option]; data parallel is what the world size leaves; option: sp for
-sequence parallelism, selective or full for activation recomputation) it builds the policy
+sequence parallelism, selective or full for activation recomputation, bf16 for bf16 weights
+with fp32 masters) it builds the policy
 and the critic from HF checkpoints, scores a fixed token batch, takes one optimiser step of
 each with a fixed loss, gathers the HF-named weights and saves both models; rank 0 writes
 every number to --out (torch.save). With --reference (one process) it also records the same
@@ -110,7 +111,6 @@ def main() -> None:
 
     batch = token_batch()
     results = {}
-    kw = dict(dtype=torch.float32, optim=OPTIM)
     for i, policy_path in enumerate(args.policy):
         critic_path = args.critic[i if len(args.critic) > 1 else 0]
         s = ModelShape.from_hf(AutoConfig.from_pretrained(policy_path))
@@ -121,17 +121,19 @@ def main() -> None:
                                   num_layers=s.num_layers, ffn_size=s.ffn_size)
             init_parallel(layout, seed=0)
             torch.manual_seed(0)
-            parts = dict(sequence_parallel=option == "sp", recompute=option if option in ("selective", "full") else "none")
-            policy = load_model(policy_path, "policy", **kw, **parts)
-            critic = load_model(critic_path, "critic", **kw, **parts)
+            parts = dict(sequence_parallel=option == "sp", recompute=option if option in ("selective", "full") else "none",
+                         dtype=torch.bfloat16 if option == "bf16" else torch.float32)
+            policy = load_model(policy_path, "policy", optim=OPTIM, **parts)
+            critic = load_model(critic_path, "critic", optim=OPTIM, **parts)
             if args.bucket_bytes:
                 policy.export_bucket_bytes = critic.export_bucket_bytes = args.bucket_bytes
             res = {"rng_after_build": torch.get_rng_state()}
             if args.reference and tp == pp == 1:
                 res["logits"] = megatron_logits(policy, batch)
-                zero = load_model(policy_path, "critic", init_from_policy=True, **kw)
+                zero = load_model(policy_path, "critic", init_from_policy=True, dtype=torch.float32, optim=OPTIM)
                 res["zero_head_values"] = zero.infer(batch, MICRO_BATCH)["values"]
             res.update(run_steps(policy, critic, batch))
+            res["masters"] = [(m.dtype, torch.equal(m.to(p.dtype), p)) for m, p in zip(policy.masters, policy.params)]
             name = f"{tp}x{pp}" + (f",{option}" if option else "")
             if args.save:
                 policy.save(f"{args.save}/{i}/{name}/policy")

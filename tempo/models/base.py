@@ -54,6 +54,12 @@ class TokenBatch:
     def split(self, size: int) -> list["TokenBatch"]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
+    def to(self, device: torch.device) -> "TokenBatch":
+        if self.input_ids.device == device:
+            return self
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                          {k: v.to(device) for k, v in self.extras.items()})
+
 
 class TrainableLM(ABC):
     """A policy or a critic with its optimiser; `kind` says which outputs it produces."""
@@ -66,9 +72,10 @@ class TrainableLM(ABC):
 
     @torch.no_grad()
     def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        """Outputs of the whole batch on the CPU, where the EM loop keeps its tensors."""
         self.eval()
         parts = [self.forward(mb) for mb in batch.split(micro_batch_size)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
 
     @abstractmethod
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 import tempo_kernels
 from tempo.config import Optim
+from tempo.dist import device as process_device
 from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, left_padded_positions
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -113,7 +114,8 @@ class HFModel(TrainableLM):
                  share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False,
                  compute_dtype: torch.dtype = torch.float32):
         assert kind in ("policy", "critic")
-        self.module, self.kind = module, kind
+        self.device = process_device()  # the loop's tensors stay on the CPU; each batch moves here
+        self.module, self.kind = module.to(self.device), kind
         if recompute == "full":  # each layer's input kept, the rest recomputed in backward
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # A recomputed layer would write the shared prompt's KV cache a second time; under FSDP2
@@ -144,8 +146,8 @@ class HFModel(TrainableLM):
                                            betas=optim.betas, fused=True)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        device = batch.input_ids.device.type
-        with torch.autocast(device, dtype=self.compute_dtype, enabled=self.autocast):
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
             return self.scorer(batch.input_ids, batch.attention_mask, batch.response_len)
 
     def _my_micro_batches(self, micro_batches: list[TokenBatch]) -> list[tuple[int, TokenBatch]]:
@@ -173,7 +175,7 @@ class HFModel(TrainableLM):
                     out[k][j * micro_batch_size:j * micro_batch_size + len(mb)] = v
         for v in out.values():  # each row written by one rank
             dist.all_reduce(v)
-        return out
+        return {k: v.cpu() for k, v in out.items()}
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
         self.module.train()
@@ -182,6 +184,7 @@ class HFModel(TrainableLM):
         finite = True
         mine = self._my_micro_batches(micro_batches) if self.world > 1 else list(enumerate(micro_batches))
         for j, mb in mine:
+            mb = mb.to(self.device)  # the loss reads the micro-batch's extras beside the outputs
             loss, stats = loss_fn(self.forward(mb), mb)
             if j < 0:  # a stand-in: its keys still count, so that every rank reduces the same list
                 loss = loss * 0.0
@@ -194,8 +197,8 @@ class HFModel(TrainableLM):
             loss.backward()
         if self.world > 1:  # every rank takes the same decision on the same numbers
             keys = sorted(sums)
-            flat = torch.tensor([sums[k] for k in keys] + [float(not finite)], dtype=torch.float64)
-            dist.all_reduce(flat)
+            flat = torch.tensor([sums[k] for k in keys] + [float(not finite)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(flat)  # NCCL reduces GPU tensors only
             sums, finite = dict(zip(keys, flat[:-1].tolist())), flat[-1].item() == 0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2

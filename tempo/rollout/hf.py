@@ -15,10 +15,13 @@ class HFRolloutEngine(RolloutEngine):
     """Generates with the policy's own module, so weight sync after an M-step is free."""
 
     def __init__(self, cfg: RolloutConfig, module: torch.nn.Module, tokenizer, batch_size: int = 1024,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, compute_dtype: torch.dtype = torch.float32):
         super().__init__(cfg)
         self.module, self.tokenizer, self.batch_size = module, tokenizer, batch_size
         self.share_prompts = share_prompts
+        # The policy's own module keeps fp32 master weights: sample in the compute dtype, as the
+        # trainer's forward does (a no-op for a sampler loaded in that dtype).
+        self.compute_dtype = compute_dtype
 
     def _generation_config(self, temperature: float) -> GenerationConfig:
         # top_k=0 explicitly: generate's default (50) would truncate the distribution.
@@ -31,10 +34,15 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, temperature: float | None = None) -> Rollouts:
+        with torch.autocast(self.module.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            return self._generate(prompts, n, temperature)
+
+    def _generate(self, prompts: list[str], n: int, temperature: float | None) -> Rollouts:
         temperature = self.cfg.temperature if temperature is None else temperature
         self.module.eval()
         self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.module.device)
         check_prompt_lengths(enc.attention_mask.sum(-1).tolist(), prompts, self.cfg.max_prompt_tokens)
         prompt_ids = enc.input_ids.repeat_interleave(n, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(n, 0)
@@ -51,6 +59,7 @@ class HFRolloutEngine(RolloutEngine):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompt_ids, prompt_mask = prompt_ids.cpu(), prompt_mask.cpu()  # the loop's tensors live on the CPU
         # No sampling log-probs: asking generate for them keeps [rows, tokens, vocab] logits, the
         # tensor the fused log-prob kernel exists to avoid; the trainer recomputes them anyway.
         return Rollouts(prompt_ids, prompt_mask, ids, mask, None, texts, truncated)

@@ -258,7 +258,12 @@ class MegatronModel(TrainableLM):
         if torch.cuda.is_available():
             self.stage.cuda()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
+        # Mixed precision as megatron's optimiser does it: bf16 weights compute, AdamW steps fp32
+        # master copies (a 1e-6 learning rate is below bf16's resolution of most weights) and
+        # copies them back; fp32 weights are their own masters.
+        self.masters = self.params if dtype == torch.float32 else [
+            torch.nn.Parameter(torch.empty_like(p, dtype=torch.float32)) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.masters, lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=optim.betas)
 
     # -- names and weights ---------------------------------------------------------------
@@ -285,6 +290,15 @@ class MegatronModel(TrainableLM):
             source = "embedding.word_embeddings.weight" if name == "output_layer.weight" and self.tied else name
             full = convert.to_mcore(source, [ckpt[h] for h in convert.hf_names(source, self.shape)], self.shape)
             p.copy_(convert.shard(name, self.shape, full, self.tp_rank, self.tp))
+        self._copy(self.params, self.masters)
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy(sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """Weights between the model and its fp32 masters (nothing to do when they are the same)."""
+        for src, dst in zip(sources, targets):
+            if dst is not src:
+                dst.copy_(src)
 
     def _owner(self, name: str) -> int:
         layer, _ = convert.split_layer_name(name)
@@ -393,11 +407,7 @@ class MegatronModel(TrainableLM):
         if pad:
             mb = TokenBatch(F.pad(mb.input_ids, (pad, 0)), F.pad(mb.attention_mask, (pad, 0)), mb.response_mask,
                             mb.extras)
-        device = self.params[0].device
-        if mb.input_ids.device == device:
-            return mb
-        return TokenBatch(mb.input_ids.to(device), mb.attention_mask.to(device), mb.response_mask.to(device),
-                          {k: v.to(device) for k, v in mb.extras.items()})
+        return mb.to(self.params[0].device)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
         """Outputs on every rank; differentiable when there is one pipeline stage."""
@@ -434,6 +444,7 @@ class MegatronModel(TrainableLM):
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
         self.stage.train()
+        self.stage.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         stats: list[dict[str, float]] = []
 
@@ -445,7 +456,10 @@ class MegatronModel(TrainableLM):
         self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
         self._finish_grads()
         grad_norm = self._clip_grads()  # global over ranks: every rank takes the same decision
-        return finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
+        totals = finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
+        if not totals["nonfinite"]:
+            self._copy(self.masters, self.params)
+        return totals
 
     def _finish_grads(self) -> None:
         for p in self.params:
@@ -474,8 +488,10 @@ class MegatronModel(TrainableLM):
             dist.all_reduce(sq, group=ps.get_model_parallel_group())
         norm = sq.sqrt()
         coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in self.params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        for master, p in zip(self.masters, self.params):
+            if master is not p:  # the fp32 master takes the gradient, scaled in fp32
+                master.grad, p.grad = p.grad.float(), None
+            master.grad.mul_(coef)
         return float(norm)
 
     def _mean_stats(self, stats: list[dict[str, float]], count: int) -> dict[str, float]:
@@ -517,13 +533,18 @@ class MegatronModel(TrainableLM):
                       metadata={"format": "pt"})
         if self.dp_rank == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
-            torch.save(self.optimizer.state_dict(), self._optimizer_file(path))
+            # bf16 weights: their fp32 masters too (rounding the saved weights up would not resume exactly)
+            masters = None if self.masters is self.params else [m.detach() for m in self.masters]
+            torch.save({"optimizer": self.optimizer.state_dict(), "masters": masters}, self._optimizer_file(path))
         dist.barrier()
 
     def load_optimizer(self, path: str) -> None:
         file = self._optimizer_file(path)
         if file.is_file():
-            self.optimizer.load_state_dict(torch.load(file, weights_only=True))
+            state = torch.load(file, weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["masters"] is not None:
+                self._copy(state["masters"], self.masters)
 
 
 def hf_config_for(hf_config, kind: str):
