@@ -77,8 +77,9 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int]) -> str:
     text = "\n\n".join(filter(None, [
         f"# Comparison on D_U: {len(methods)} methods × {len(seeds)} seeds (final step {steps}, mean ± std)",
         f"Command: `{command}`" if command else "",
-        "Same stage-1 models, config and budget for every method; seeds "
-        + ", ".join(map(str, seeds)) + ". Final step only: no step is chosen by D_U's answers.",
+        "Same config and budget for every method; seeds " + ", ".join(map(str, seeds))
+        + ": the methods of a seed start from that seed's stage-1 models (each seed draws its own critic, so "
+        "the ± includes the critic's draw). Final step only: no step is chosen by D_U's answers.",
         "## Final step\n\n" + table({"base (after stage 1)": base, **final}, KEYS),
         "## Drift monitor (last 5 training steps, unlabeled rows)\n\n"
         "pseudo_acc: share of rows where the pseudo-reward's verdict matches the hidden truth; "

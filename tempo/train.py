@@ -55,14 +55,14 @@ def model_sources(cfg: Config) -> tuple[str, str | None]:
 
 def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
     """Hash of every setting that shapes stage 1's models (not the EM loop's length, the
-    method or the kernel implementation, which give equal models)."""
+    method or the kernel implementation, which give equal models). The methods of one seed
+    share them; each seed draws its own, so a spread over seeds includes the critic's draw."""
     shape = {k: asdict(getattr(cfg, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
     shape["base"], shape["critic_base"] = base_path, critic_base
     shape["model"].pop("kernels")
     shape["algorithm"].pop("method")
-    # Stage 1's batches are all labeled, its critic trains at stage1.critic_lr, and it is
-    # seeded by the base model's seed, so that runs with other EM-loop seeds share it.
-    shape["seed"] = cfg.base_model.seed
+    # Stage 1's batches are all labeled and its critic trains at stage1.critic_lr.
+    shape["seed"] = cfg.train.seed
     for key in ("steps", "labeled_per_step", "critic_lr", "seed", "max_bad_steps"):
         shape["train"].pop(key)
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
@@ -85,7 +85,6 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
     s1.algorithm.method = "rlvr"  # every method starts from the same stage-1 models
     s1.train.labeled_per_step = s1.train.prompts_per_step
     s1.train.critic_lr = s.critic_lr
-    s1.train.seed = cfg.base_model.seed
     seed_everything(s1.train.seed)
     models = build_models(s1, base_path, critic_base, need_critic=True)
     # Stage 1 trains on its own labeled data (the pre-test-time RL set), not on D_L.

@@ -221,7 +221,7 @@ def test_drift_stats_by_hand():
 
 @pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
                                       "stage1.critic_epochs=9", "train.critic_weight_decay=0.2",
-                                      "base_model.hidden_size=32", "model.critic_path=/elsewhere"])
+                                      "base_model.hidden_size=32", "model.critic_path=/elsewhere", "train.seed=3"])
 def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     from tempo.config import load_config
 
@@ -231,11 +231,11 @@ def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     assert key(load_config("configs/tiny_cpu.yaml")) != key(load_config("configs/tiny_cpu.yaml", [override]))
 
 
-def test_stage1_key_ignores_kernels_method_seed_and_length():
+def test_stage1_key_ignores_kernels_method_and_length():
     from tempo.config import load_config
 
     base = load_config("configs/tiny_cpu.yaml")
-    for override in ("model.kernels=reference", "algorithm.method=ttrl", "train.seed=3", "train.steps=7",
+    for override in ("model.kernels=reference", "algorithm.method=ttrl", "train.steps=7",
                      "train.critic_lr=0"):
         assert stage1_key(base, "b", None) == stage1_key(load_config("configs/tiny_cpu.yaml", [override]), "b", None)
     assert stage1_key(base, "b", None) != stage1_key(base, "b", "other-critic")
