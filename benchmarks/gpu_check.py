@@ -86,7 +86,7 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
     from tempo.methods import METHODS
     from tempo.profiling import ProfileWindow
 
-    steps = (SMOKE_RUN if smoke else GPU_RUN)[-1]
+    prompts, _, n, tokens, _, steps = SMOKE_RUN if smoke else GPU_RUN
     cfg = run_config(model, backend, smoke, profile=f"{steps + 2}-{steps + 2}" if profile else "")  # after the timed
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
@@ -116,7 +116,6 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
         if 2 <= step <= steps + 1:
             times.append(time.perf_counter() - start)
     phases = {k: v / sum(times) for k, v in phases.items()}  # share of the timed steps
-    prompts, _, n, tokens, _, _ = SMOKE_RUN if smoke else GPU_RUN
     last = {k: stats[k] for k in ("reward_mean", "entropy", "actor/pg_loss", "critic/value_loss", "actor/grad_norm",
                                   "critic/grad_norm") if k in stats}
     return {
@@ -191,8 +190,10 @@ def vllm_parity(model: Path, smoke: bool) -> dict:
     ours = models.policy.infer(tokens, cfg.train.micro_batch_size)["logp"]
     mask = tokens.response_mask.bool()
     diff = (ours - rollouts.logprobs).abs()[mask]
-    models.engine.sync_weights(models.policy.export_weights())  # the sync path, timed once
-    return {"status": "ran", "completion_tokens_per_s": float(mask.sum()) / gen_s,
+    start = time.perf_counter()
+    models.engine.sync_weights(models.policy.export_weights())  # the weight sync an M-step ends with
+    sync_s = time.perf_counter() - start
+    return {"status": "ran", "completion_tokens_per_s": float(mask.sum()) / gen_s, "weight_sync_s": sync_s,
             "logp_diff_mean": float(diff.mean()), "logp_diff_max": float(diff.max()),
             "rows": len(tokens), "torch": torch.__version__, "vllm": vllm.__version__}
 
