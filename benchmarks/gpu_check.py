@@ -11,12 +11,15 @@ one RESULT line; OUT_DIR/system.json and OUT_DIR/system.md gather them:
   vote      the CUDA vote aggregation against the C++ one on 8,192 groups of 64 answers, and
             both timed
   hf        TEMPO steps with the HF backend (bf16 compute over fp32 master weights, HF generate):
-            seconds per step and per phase, completion tokens/s, peak GPU memory
+            seconds per step and per phase, completion tokens/s, peak GPU memory, and MFU: model
+            FLOPs (2N a token forward, 6N a token trained, N the matmul weights, attention left
+            out) against the H200's measured 790 TFLOP/s bf16
   megatron  the same steps with the Megatron-core backend at TP=1 (bf16 weights, fp32 masters)
   vllm      the vLLM engine's log-probs against the trainer's on the same rollouts, and its
             tokens/s; "not available on this machine" where vLLM is not installed
-  nsys      (with --profile) one step inside a cudaProfilerStart/Stop window, for nsys's
-            --capture-range=cudaProfilerApi
+  profile   (with --profile) one more HF step inside the trainer's profile window: torch.profiler
+            (CPU and CUDA, the phases' NVTX / record_function ranges); its table of the ops and
+            kernels that took the most GPU time is OUT_DIR/profile.txt
 
 Responses are forced to full length (`rollout.min_new_tokens`): a random model rarely samples
 EOS anyway, and every step then does the same work.
@@ -27,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +49,31 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # (prompts a step, labeled among them, samples, new tokens, micro-batch rows, timed steps)
 GPU_RUN, SMOKE_RUN = (32, 8, 8, 256, 32, 2), (4, 1, 2, 4, 8, 1)
 PARTS = ("vote", "hf", "megatron", "vllm")
+PEAK_BF16_FLOPS = 790e12  # an 8192^3 bf16 matmul on the lent H200 (.library/device/KINDS.md)
+
+
+def matmul_params(cfg: dict, head: bool) -> int:
+    """Weights that take part in a token's matmuls: the decoder layers, and the LM head for a policy."""
+    h, q, kv = cfg["hidden_size"], cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    layer = h * q * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]
+    return cfg["num_hidden_layers"] * layer + head * h * cfg["vocab_size"]
+
+
+def count_tokens(tokens: dict[str, float], obj, method: str, key: str) -> None:
+    """Add the tokens each call of obj.method runs through the model (generate: tokens sampled)."""
+    real = getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        res = real(*args, **kwargs)
+        if method == "generate":
+            n = float(res.response_mask.sum()) + res.prompt_mask.sum().item()
+        else:
+            batches = args[0] if isinstance(args[0], list) else [args[0]]
+            n = float(sum(b.attention_mask.sum() for b in batches))
+        tokens[key] = tokens.get(key, 0.0) + n
+        return res
+
+    setattr(obj, method, counted)
 
 
 def build_model(path: Path, smoke: bool) -> None:
@@ -94,6 +123,11 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
     trainer = EMTrainer(cfg, METHODS["tempo"], models, build_splits(cfg))
     build_s = time.perf_counter() - started
     phases: dict[str, float] = {}
+    tokens_run: dict[str, float] = {}
+    for obj, method, key in ((models.engine, "generate", "generate"), (models.policy, "infer", "policy_fwd"),
+                             (models.policy, "train_step", "policy_train"), (models.critic, "infer", "critic_fwd"),
+                             (models.critic, "train_step", "critic_train")):
+        count_tokens(tokens_run, obj, method, key)
     clock(phases, models.engine, "generate", "rollout")
     clock(phases, models.engine, "sync_weights", "weight sync")
     clock(phases, models.policy, "infer", "old log-probs")
@@ -105,6 +139,7 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
     for step in range(1, steps + 2 + int(profile)):
         if step == 2:  # after the warm-up
             phases.clear()
+            tokens_run.clear()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
         window.before(step)
@@ -115,7 +150,18 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
         window.after(step)
         if 2 <= step <= steps + 1:
             times.append(time.perf_counter() - start)
-    phases = {k: v / sum(times) for k, v in phases.items()}  # share of the timed steps
+        if step == steps + 1:  # the timed steps' figures, before the profiled step adds to them
+            counted, timed_phases = dict(tokens_run), dict(phases)
+    phases = {k: v / sum(times) for k, v in timed_phases.items()}  # share of the timed steps
+    shape = SMOKE if smoke else QWEN3_06B
+    n_pol, n_crit = matmul_params(shape, True), matmul_params(shape, False)
+    flops = (2 * n_pol * (counted.get("generate", 0) + counted.get("policy_fwd", 0))
+             + 6 * n_pol * counted.get("policy_train", 0)
+             + 2 * n_crit * counted.get("critic_fwd", 0) + 6 * n_crit * counted.get("critic_train", 0)) / len(times)
+    table = out / "profile" / f"steps_{steps + 2}-{steps + 2}.txt"
+    if profile and table.is_file():
+        shutil.copy(table, out / "profile.txt")
+        shutil.rmtree(out / "profile")  # the Chrome trace is too large to bring back
     last = {k: stats[k] for k in ("reward_mean", "entropy", "actor/pg_loss", "critic/value_loss", "actor/grad_norm",
                                   "critic/grad_norm") if k in stats}
     return {
@@ -123,6 +169,9 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
         "completion_tokens_per_s": prompts * n * tokens / statistics.median(times),
         "phase_share": {k: round(v, 3) for k, v in phases.items()},
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "tokens_per_step": {k: v / len(times) for k, v in counted.items()},
+        "model_tflops_per_step": flops / 1e12,
+        "mfu": flops / statistics.median(times) / PEAK_BF16_FLOPS,
         "last_step": last, "finite": all(math.isfinite(v) for v in last.values()),
     }
 
@@ -234,19 +283,20 @@ def write_md(out: Path, data: dict) -> None:
     lines += [f"vote aggregation, {v.get('groups')} groups × {v.get('answers_per_group')} answers: C++ "
               f"{v.get('cpp_ms', float('nan')):.2f} ms, CUDA {v.get('cuda_ms', float('nan')):.2f} ms, outputs equal: "
               f"{v.get('outputs_equal', v.get('status', v.get('error')))}", ""]
-    lines += ["| part | median s/step | completion tokens/s | peak GPU GiB | phases (share of a step) |",
-              "|---|---|---|---|---|"]
+    lines += ["| part | median s/step | completion tokens/s | peak GPU GiB | MFU | phases (share of a step) |",
+              "|---|---|---|---|---|---|"]
     for name in PARTS[1:]:
         r = data["parts"].get(name, {})
         if "median_step_s" in r:
             peak = "" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["phase_share"].items())
-            lines.append(f"| {name} | {r['median_step_s']:.2f} | {r['completion_tokens_per_s']:.0f} | {peak} | {shares} |")
+            lines.append(f"| {name} | {r['median_step_s']:.2f} | {r['completion_tokens_per_s']:.0f} | {peak} | "
+                         f"{r['mfu']:.1%} | {shares} |")
         elif "logp_diff_max" in r:
-            lines.append(f"| {name} | | {r['completion_tokens_per_s']:.0f} | | |log π_train − log π_vllm| "
+            lines.append(f"| {name} | | {r['completion_tokens_per_s']:.0f} | | | |log π_train − log π_vllm| "
                          f"mean {r['logp_diff_mean']:.2e}, max {r['logp_diff_max']:.2e} |")
         else:
-            lines.append(f"| {name} | {(r.get('status') or r.get('error', 'not run')).strip().splitlines()[-1][:160]} | | | |")
+            lines.append(f"| {name} | {(r.get('status') or r.get('error', 'not run')).strip().splitlines()[-1][:160]} | | | | |")
     lines += ["", "```", json.dumps(data["parts"], indent=1, default=str)[:12000], "```"]
     (out / "system.md").write_text("\n".join(lines) + "\n")
 
@@ -255,7 +305,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script's logic")
-    ap.add_argument("--profile", action="store_true", help="one more step inside a cudaProfiler window")
+    ap.add_argument("--profile", action="store_true", help="one more HF step inside the profile window")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--budget-s", type=float, default=200.0, help="the parts' timeout, together")
     ap.add_argument("--part", help=argparse.SUPPRESS)

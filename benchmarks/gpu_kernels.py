@@ -369,6 +369,30 @@ def write_md(rep: Report, args) -> None:
     (rep.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def ncu_target(device) -> None:
+    """One forward+backward of each fused kernel at a Qwen3-0.6B-like LM-head shape, for ncu."""
+    import torch
+    from tempo_kernels.advantage import _group_advantage_triton
+    from tempo_kernels.policy import policy_loss_triton
+
+    from tempo_kernels.logprob import linear_logprob_triton
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    h = (torch.randn(4096, 1024, generator=g) * 0.05).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(151_936, 1024, generator=g) * 0.05).to(device, torch.bfloat16).requires_grad_()
+    lab = torch.randint(0, 151_936, (4096,), generator=g).to(device)
+    lp, ent = linear_logprob_triton(h, w, lab, 0.9, True)
+    (lp.sum() + ent.sum()).backward()
+    old = lp.detach().float().view(16, 256)
+    x = (old + 0.1 * torch.randn(16, 256, generator=g).to(device)).requires_grad_()
+    loss, _ = policy_loss_triton(x, old, torch.randn(16, 256, generator=g).to(device),
+                                 torch.ones(16, 256, dtype=torch.bool, device=device), kind="gspo",
+                                 agg="seq-mean-token-mean")
+    loss.backward()
+    _group_advantage_triton(torch.randn(2048, generator=g).to(device), torch.arange(2048, device=device) // 8, 1e-6, True)
+    torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
@@ -376,11 +400,15 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--ncu-target", action="store_true", help="run each fused kernel once (under ncu), nothing else")
     args = ap.parse_args(argv)
 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ncu_target:
+        ncu_target(device)
+        return 0
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: use --smoke (with TRITON_INTERPRET=1) to check the script on CPU")
         return 2

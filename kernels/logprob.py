@@ -382,17 +382,22 @@ def _triton_blocks(T: int, D: int):
     return 64, 128, 64, 8, 3  # BT, BV, BD, num_warps, num_stages (untuned; no GPU here)
 
 
-def _dot_flags(dtype: torch.dtype):
-    dot_fp32 = interpreting() or dtype == torch.float32  # interpreter: bf16 tl.dot is broken
-    ieee = dtype == torch.float32 and not interpreting()
-    return dot_fp32, ieee
+def _dot_flags(a: torch.Tensor, b: torch.Tensor):
+    """(DOT_FP32, IEEE) for a tl.dot of a and b: IEEE fp32 only when both are fp32."""
+    fp32 = a.dtype == torch.float32 and b.dtype == torch.float32
+    dot_fp32 = interpreting() or fp32  # interpreter: bf16 tl.dot is broken
+    return dot_fp32, fp32 and not interpreting()
 
 
 def _triton_inputs(hidden, weight):
-    """(hidden, weight) checked for a tl.dot dtype and made contiguous."""
+    """(hidden, weight) checked for a tl.dot dtype and made contiguous. tl.dot needs both
+    operands in one dtype; the interpreter would accept a mix that fails to compile on a GPU."""
     for t in (hidden, weight):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"triton linear_logprob: unsupported dtype {t.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"triton linear_logprob: hidden is {hidden.dtype} but weight is {weight.dtype}; "
+                        "cast both to one dtype (linear_logprob does under autocast)")
     return hidden.contiguous(), weight.contiguous()
 
 
@@ -417,7 +422,7 @@ def _triton_stats(
     s = torch.empty_like(m)
     tg = torch.empty_like(m)
     ws = torch.empty_like(m) if with_entropy else torch.zeros_like(m)
-    dot_fp32, ieee = _dot_flags(hidden.dtype)
+    dot_fp32, ieee = _dot_flags(hidden, weight)
     _lp_stats_kernel[(n_t, num_splits)](
         hidden, weight, labels, m, s, ws, tg,
         T, V, D, hidden.stride(0), weight.stride(0),
@@ -464,7 +469,7 @@ def _triton_backward(
     dh = torch.zeros(T, D, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     with_ent = ge is not None
-    dot_fp32, ieee = _dot_flags(hidden.dtype)
+    dot_fp32, ieee = _dot_flags(hidden, weight)
     entc = ent.contiguous() if with_ent else lse
     gec = ge.contiguous() if with_ent else gl
     for v0 in range(0, V, bv):
@@ -603,15 +608,25 @@ def linear_logprob(
     int64 (< 0: ignored, logp 0). Returns (logp [T] float32, entropy [T] float32 or None);
     float64 for float64 inputs. Never materialises [T, V] logits. Differentiable w.r.t.
     hidden and weight, through logp and (when with_entropy) the entropy.
+
+    Under autocast both operands are cast to the autocast dtype first, as autocast does for a
+    matmul (a custom autograd Function is not cast by it): bf16 runs keep fp32 master weights
+    and fp32 norm outputs, which would otherwise put the LM head on fp32 dots.
     """
-    backend = _impl_for(hidden, weight)
-    if backend == "reference":
-        logp, ent = linear_logprob_reference(hidden, weight, labels, temperature, with_entropy)
-        out = compute_dtype(hidden, weight)
-        return logp.to(out), (None if ent is None else ent.to(out))
-    if backend == "triton":
-        return linear_logprob_triton(hidden, weight, labels, temperature, with_entropy)
-    return linear_logprob_torch(hidden, weight, labels, temperature, with_entropy)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and torch.float64 not in (hidden.dtype, weight.dtype):
+        dt = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+    # the ops inside accumulate in fp32 on purpose: autocast must not recast them
+    with torch.autocast(device_type, enabled=False):
+        backend = _impl_for(hidden, weight)
+        if backend == "reference":
+            logp, ent = linear_logprob_reference(hidden, weight, labels, temperature, with_entropy)
+            out = compute_dtype(hidden, weight)
+            return logp.to(out), (None if ent is None else ent.to(out))
+        if backend == "triton":
+            return linear_logprob_triton(hidden, weight, labels, temperature, with_entropy)
+        return linear_logprob_torch(hidden, weight, labels, temperature, with_entropy)
 
 
 # --------------------------------------------------------------------------------------

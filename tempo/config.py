@@ -185,7 +185,7 @@ class RunConfig:
     checkpoint_every: int = 10  # steps between checkpoints (0: only at the end); the last step always
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str = "never"  # never | auto (newest whole checkpoint, same config) | force (config may differ)
-    profile_steps: str = ""  # A-B: Nsight capture window on GPUs (cudaProfilerStart/Stop), a torch.profiler trace on CPU
+    profile_steps: str = ""  # A-B: a torch.profiler trace and table; on GPUs also an Nsight capture window
 
 
 @dataclass

@@ -8,8 +8,10 @@ opens before step A and closes after step B: on GPUs with cudaProfilerStart/Stop
     nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop -t cuda,nvtx \\
         torchrun ... -m tempo.cli train ... run.profile_steps=3-4
 
-records only those steps; on CPU with torch.profiler, whose Chrome trace (the same ranges)
-lands in the run directory as `profile/steps_A-B.json`.
+records only those steps. torch.profiler records the same window (CPU, and CUDA kernels on a
+GPU): its Chrome trace (the same ranges) lands in the run directory as
+`profile/steps_A-B.json`, and a table of the ops and kernels that took the most time as
+`profile/steps_A-B.txt` (the GPU machines this project is lent have no working nsys).
 """
 from __future__ import annotations
 
@@ -57,21 +59,27 @@ class ProfileWindow:
     def before(self, step: int) -> None:
         if self.window is None or step != self.window[0]:
             return
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.profiler.start()
-        elif self.writer:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        if self.writer:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            activities += [torch.profiler.ProfilerActivity.CUDA] * cuda
+            self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
 
     def after(self, step: int) -> None:
         if self.window is None or step != self.window[1]:
             return
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
-        elif self.profiler is not None:
+        if self.profiler is not None:
             self.profiler.stop()
-            out = self.run_dir / "profile" / f"steps_{self.window[0]}-{self.window[1]}.json"
+            out = self.run_dir / "profile" / f"steps_{self.window[0]}-{self.window[1]}"
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.profiler.export_chrome_trace(str(out))
+            self.profiler.export_chrome_trace(str(out.with_suffix(".json")))
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            out.with_suffix(".txt").write_text(self.profiler.key_averages().table(sort_by=sort, row_limit=40))
             self.profiler = None

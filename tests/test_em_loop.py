@@ -204,6 +204,8 @@ def test_profile_window_traces_the_phases_of_its_steps(tmp_path, micro_model):
     names = [e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"]
     for phase in ("rollout", "values", "advantages", "E-step", "M-step", "weight sync"):
         assert names.count(phase) == 2, phase  # one range a step, two steps in the window
+    table = (tmp_path / "run" / "profile" / "steps_2-3.txt").read_text()
+    assert "M-step" in table and "Self CPU" in table
 
 
 @pytest.mark.parametrize("text", ["3", "a-b", "0-2", "4-2", "2:3"])

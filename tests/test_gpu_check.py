@@ -17,11 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--smoke"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--smoke", "--profile"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert (out / "system.md").is_file()
+    assert "M-step" in (out / "profile.txt").read_text()  # the profiled step's table
     return json.loads((out / "system.json").read_text())
 
 
@@ -34,6 +35,7 @@ def test_tempo_steps_on_both_backends(smoke, backend):
     # every phase of a TEMPO step was timed, and they fit in the step
     assert {"rollout", "critic forward", "E-step", "M-step", "weight sync"} <= set(res["phase_share"])
     assert 0 < sum(res["phase_share"].values()) <= 1.01
+    assert res["model_tflops_per_step"] > 0 and 0 <= res["mfu"] < 1
     assert math.isfinite(res["last_step"]["critic/value_loss"])
 
 

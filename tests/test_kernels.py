@@ -156,6 +156,31 @@ def test_logprob_grad_through_one_output(backend, use):
     _close(dw, rdw, 1e-4, 1e-4, "grad weight")
 
 
+@needs_triton
+def test_logprob_triton_refuses_mixed_dtypes():
+    # tl.dot needs one dtype for both operands; the interpreter would run a mix a GPU cannot compile
+    h, w, lab = _lp_inputs(8, 40, 16, torch.float32)
+    with pytest.raises(TypeError, match="hidden is torch.float32 but weight is torch.bfloat16"):
+        linear_logprob_triton(h, w.bfloat16(), lab)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_logprob_under_autocast_runs_in_the_autocast_dtype(backend):
+    # bf16 training: fp32 norm output and fp32 master weight, autocast on. The head must run on
+    # bf16 operands (what autocast does to a matmul), with gradients back in fp32 for both.
+    h, w, lab = _lp_inputs(10, 60, 16, torch.float32)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        lp, ent = K.linear_logprob(hh, ww, lab, 0.9, with_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    want_lp, want_ent = K.linear_logprob(h.bfloat16(), w.bfloat16(), lab, 0.9, with_entropy=True)
+    _close(lp, want_lp, 0.0, what="logp")  # the same computation as explicit bf16 inputs
+    _close(ent, want_ent, 0.0, what="entropy")
+    assert hh.grad.dtype == ww.grad.dtype == torch.float32
+    rlp, _ = linear_logprob_reference(h.double(), w.double(), lab, 0.9)
+    _close(lp, rlp, 0.1, what="logp vs fp64")  # bf16 rounding of the operands, not a wrong result
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 def test_logprob_frozen_weight_and_no_grad(backend):
     h, w, lab = _lp_inputs(6, 40, 16, torch.float32)
