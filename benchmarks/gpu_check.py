@@ -48,7 +48,7 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, head_dim=16, vocab_size=512)
 # (prompts a step, labeled among them, samples, new tokens, micro-batch rows, timed steps)
 GPU_RUN, SMOKE_RUN = (32, 8, 8, 256, 32, 2), (4, 1, 2, 4, 8, 1)
-PARTS = ("vote", "hf", "megatron", "vllm")
+PARTS = ("vote", "megatron", "hf", "vllm")  # hf last: it carries the profiled step
 PEAK_BF16_FLOPS = 790e12  # an 8192^3 bf16 matmul on the lent H200 (.library/device/KINDS.md)
 
 
@@ -136,35 +136,29 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
     clock(phases, models.critic, "train_step", "E-step")
     window = ProfileWindow(cfg.run.profile_steps, out)
     times, stats = [], {}
-    for step in range(1, steps + 2 + int(profile)):
+    for step in range(1, steps + 2):
         if step == 2:  # after the warm-up
             phases.clear()
             tokens_run.clear()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-        window.before(step)
         start = time.perf_counter()
         stats = trainer.train_step()
         if cuda:
             torch.cuda.synchronize()
-        window.after(step)
-        if 2 <= step <= steps + 1:
+        if step >= 2:
             times.append(time.perf_counter() - start)
-        if step == steps + 1:  # the timed steps' figures, before the profiled step adds to them
-            counted, timed_phases = dict(tokens_run), dict(phases)
-    phases = {k: v / sum(times) for k, v in timed_phases.items()}  # share of the timed steps
+    counted = dict(tokens_run)
+    phases = {k: v / sum(times) for k, v in phases.items()}  # share of the timed steps
     shape = SMOKE if smoke else QWEN3_06B
     n_pol, n_crit = matmul_params(shape, True), matmul_params(shape, False)
     flops = (2 * n_pol * (counted.get("generate", 0) + counted.get("policy_fwd", 0))
              + 6 * n_pol * counted.get("policy_train", 0)
              + 2 * n_crit * counted.get("critic_fwd", 0) + 6 * n_crit * counted.get("critic_train", 0)) / len(times)
-    table = out / "profile" / f"steps_{steps + 2}-{steps + 2}.txt"
-    if profile and table.is_file():
-        shutil.copy(table, out / "profile.txt")
-        shutil.rmtree(out / "profile")  # the Chrome trace is too large to bring back
+
     last = {k: stats[k] for k in ("reward_mean", "entropy", "actor/pg_loss", "critic/value_loss", "actor/grad_norm",
                                   "critic/grad_norm") if k in stats}
-    return {
+    res = {
         "backend": backend, "build_s": build_s, "step_s": times, "median_step_s": statistics.median(times),
         "completion_tokens_per_s": prompts * n * tokens / statistics.median(times),
         "phase_share": {k: round(v, 3) for k, v in phases.items()},
@@ -174,6 +168,16 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
         "mfu": flops / statistics.median(times) / PEAK_BF16_FLOPS,
         "last_step": last, "finite": all(math.isfinite(v) for v in last.values()),
     }
+    if profile:  # after the figures are out: tracing a step and tabulating it take a while
+        print("RESULT " + json.dumps(res, default=str), flush=True)
+        step = steps + 2
+        window.before(step)
+        trainer.train_step()
+        window.after(step)
+        shutil.copy(out / "profile" / f"steps_{step}-{step}.txt", out / "profile.txt")
+        shutil.rmtree(out / "profile")  # the Chrome trace is too large to bring back
+        res["profiled_step"] = "profile.txt"
+    return res
 
 
 def vote_check(smoke: bool) -> dict:
@@ -338,8 +342,11 @@ def main(argv=None) -> int:
                                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 res = json.loads(line[-1][7:]) if line else {"error": f"rc={proc.returncode}\n{proc.stderr[-3000:]}"}
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timeout after {left:.0f}s"}
+            except subprocess.TimeoutExpired as e:  # keep a result the part printed before it ran out
+                printed = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                line = [l for l in printed.splitlines() if l.startswith("RESULT ")]
+                res = json.loads(line[-1][7:]) if line else {}
+                res["error"] = f"timeout after {left:.0f}s" + (" (in the profiled step)" if line else "")
             res["wall_s"] = round(time.time() - start, 1)
             data["parts"][name] = res
             print(f"[{name}] {json.dumps(res, default=str)[:600]}", flush=True)
