@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tempo.config import BaseModelConfig, TaskConfig
-from tempo.task import sft_corpus
+from tempo.errors import ConvergenceError
+from tempo.task import sft_corpus, teacher_floor
 from tempo.tokenizer import char_tokenizer
 
 log = logging.getLogger("tempo")
@@ -37,7 +38,8 @@ def base_model_dir(task: TaskConfig, base: BaseModelConfig, kind: str = "base") 
 
 def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     """The cached base policy's directory, building it first when it is missing: SFT from
-    scratch on the imperfect teacher's solutions."""
+    scratch on the imperfect teacher's solutions until its held-out loss is within
+    `base_model.sft_tolerance` of the teacher's floor (what a perfect imitator would pay)."""
     out = base_model_dir(task, base)
     if (out / "config.json").is_file():
         return out
@@ -45,13 +47,17 @@ def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     tokenizer = char_tokenizer()
     model = build_tiny_qwen3(base, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                              eos_id=tokenizer.eos_token_id)
-    train_sft(model, tokenizer, sft_corpus(task, base.sft_examples, base.seed), base, base.sft_steps, base.sft_lr)
+    train, heldout = _split(sft_corpus(task, base.sft_examples + base.sft_heldout, base.seed), base.sft_heldout)
+    floor = teacher_floor(task, heldout, lambda text: len(tokenizer(text)["input_ids"]) + 1)
+    train_sft(model, tokenizer, train, heldout, base, "base model", steps=base.sft_max_steps,
+              peak_lr=base.sft_lr, target=floor + base.sft_tolerance, floor=floor)
     return _save(model, tokenizer, out)
 
 
 def ensure_verifier_model(task: TaskConfig, base: BaseModelConfig) -> Path:
-    """The cached verifier's directory (the critic's trunk): the base policy trained on for
-    `verifier_steps` on right solutions, so that it knows facts the policy gets wrong."""
+    """The cached verifier's directory (the critic's trunk): the base policy trained on right
+    solutions until its held-out loss on them is under `base_model.verifier_tolerance`, so
+    that it knows the facts the policy gets wrong."""
     out = base_model_dir(task, base, kind="verifier")
     if (out / "config.json").is_file():
         return out
@@ -59,9 +65,16 @@ def ensure_verifier_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     log.info("building the embedded verifier in %s", out)
     tokenizer = char_tokenizer()
     model = Qwen3ForCausalLM.from_pretrained(policy)
-    corpus = sft_corpus(task, base.sft_examples, base.seed, teacher=False)
-    train_sft(model, tokenizer, corpus, base, base.verifier_steps, base.verifier_lr)
+    corpus = sft_corpus(task, base.sft_examples + base.sft_heldout, base.seed, teacher=False)
+    train, heldout = _split(corpus, base.sft_heldout)
+    train_sft(model, tokenizer, train, heldout, base, "verifier", steps=base.verifier_max_steps,
+              peak_lr=base.verifier_lr, target=base.verifier_tolerance, floor=0.0)
     return _save(model, tokenizer, out)
+
+
+def _split(corpus: list, heldout: int) -> tuple[list, list]:
+    """(training rows, held-out rows): the last `heldout` questions are never trained on."""
+    return corpus[:-heldout], corpus[-heldout:]
 
 
 def _save(model, tokenizer, out: Path) -> Path:
@@ -95,31 +108,64 @@ def build_tiny_qwen3(base: BaseModelConfig, vocab_size: int, pad_id: int, eos_id
     return Qwen3ForCausalLM(cfg)
 
 
-def train_sft(model, tokenizer, corpus: list[tuple[str, str]], base: BaseModelConfig, steps: int,
-              peak_lr: float) -> None:
-    """Next-token loss on the solution and EOS only, cosine learning rate, fixed seed."""
-    gen = torch.Generator().manual_seed(base.seed)
-    encoded = [(tokenizer(q)["input_ids"], tokenizer(s)["input_ids"] + [tokenizer.eos_token_id])
-               for q, s in corpus]
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
+def _encode(tokenizer, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels): question then solution and EOS; the loss is on the solution and EOS."""
+    encoded = [(tokenizer(q)["input_ids"], tokenizer(s)["input_ids"] + [tokenizer.eos_token_id]) for q, s in rows]
+    width = max(len(q) + len(s) for q, s in encoded)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    for r, (q, s) in enumerate(encoded):
+        ids[r, : len(q) + len(s)] = torch.tensor(q + s)
+        labels[r, len(q): len(q) + len(s)] = torch.tensor(s)
+    return ids, labels
+
+
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels).loss
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], batch: int = 256) -> float:
+    """Next-token loss on held-out rows, nats a solution token (EOS included)."""
+    model.eval()
+    nats = tokens = 0.0
+    for i in range(0, len(rows), batch):
+        ids, labels = _encode(tokenizer, rows[i: i + batch])
+        n = int((labels[:, 1:] != -100).sum())
+        nats += _loss(model, ids, labels, tokenizer.pad_token_id).item() * n
+        tokens += n
     model.train()
-    for step in range(steps):
-        lr = peak_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+    return nats / tokens
+
+
+def train_sft(model, tokenizer, corpus: list[tuple[str, str]], heldout: list[tuple[str, str]],
+              base: BaseModelConfig, what: str, *, steps: int, peak_lr: float, target: float, floor: float) -> dict:
+    """Next-token loss on the solution and EOS, until the held-out loss is at most `target`
+    (checked every `base_model.sft_eval_every` steps). AdamW with weight decay, a linear
+    warm-up, then a constant rate: no schedule tied to a step count, since the stop is not.
+    At `steps` without reaching the target, a ConvergenceError names the figures and the knobs."""
+    gen = torch.Generator().manual_seed(base.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=base.sft_weight_decay)
+    model.train()
+    started, loss = time.perf_counter(), heldout_loss(model, tokenizer, heldout)
+    for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(len(encoded), (base.sft_batch_size,), generator=gen).tolist()
-        rows = [encoded[i] for i in idx]
-        width = max(len(q) + len(s) for q, s in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        labels = torch.full((len(rows), width), -100)
-        for r, (q, s) in enumerate(rows):
-            ids[r, : len(q) + len(s)] = torch.tensor(q + s)
-            labels[r, len(q): len(q) + len(s)] = torch.tensor(s)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
-                     labels=labels).loss
+            group["lr"] = peak_lr * min(1.0, step / max(1, base.sft_warmup_steps))
+        idx = torch.randint(len(corpus), (base.sft_batch_size,), generator=gen).tolist()
+        ids, labels = _encode(tokenizer, [corpus[i] for i in idx])
+        train_loss = _loss(model, ids, labels, tokenizer.pad_token_id)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        train_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("SFT step %d/%d loss %.4f", step + 1, steps, loss.item())
+        if step % base.sft_eval_every and step != steps:
+            continue
+        loss = heldout_loss(model, tokenizer, heldout)
+        log.info("%s SFT step %d (at most %d): held-out loss %.4f, target %.4f (floor %.4f), %.0fs",
+                 what, step, steps, loss, target, floor, time.perf_counter() - started)
+        if loss <= target:
+            return {"steps": step, "heldout_loss": loss, "floor": floor, "seconds": time.perf_counter() - started}
+    knob = "base_model.sft_max_steps" if what == "base model" else "base_model.verifier_max_steps"
+    raise ConvergenceError(
+        f"{what}: held-out loss {loss:.4f} after {steps} SFT steps ({knob}), target {target:.4f} (floor {floor:.4f}); "
+        f"raise {knob}, or change base_model.seed or base_model.sft_lr")

@@ -60,12 +60,19 @@ class BaseModelConfig:
     head_dim: int = 32
     ffn_size: int = 384
     sft_examples: int = 6000
-    sft_steps: int = 600
+    sft_heldout: int = 512  # teacher solutions never trained on: the stopping criterion's measure
+    sft_max_steps: int = 3000  # a cap: SFT stops when the held-out loss is within tolerance of the floor
+    sft_tolerance: float = 0.01  # nats a token above the teacher's floor (tempo.task.teacher_floor)
+    sft_eval_every: int = 50
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
-    # The embedded critic's trunk: the base policy trained on for this many more steps on
-    # right solutions (a verifier that knows more than the policy); 0: the policy itself.
-    verifier_steps: int = 0
+    sft_warmup_steps: int = 100
+    sft_weight_decay: float = 0.1
+    # The embedded critic's trunk: the base policy trained on on right solutions until its
+    # held-out loss on them is under verifier_tolerance (a verifier that knows more than the
+    # policy); verifier_max_steps 0: the policy itself.
+    verifier_max_steps: int = 0
+    verifier_tolerance: float = 0.01
     verifier_lr: float = 1e-3
     seed: int = 0
     cache_dir: str = ".cache/tempo"
@@ -129,6 +136,7 @@ class Optim:
     betas: tuple[float, float]
     grad_clip: float
     warmup_steps: int = 0  # linear warm-up over this many optimiser steps, constant after
+    eps: float = 1e-8  # AdamW's epsilon
 
 
 @dataclass
@@ -144,6 +152,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # the policy's
     critic_weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     lr_warmup_steps: int = 0  # both models' lr rises linearly over this many optimiser steps, then stays
     max_bad_steps: int = 5  # stop after this many steps in a row skipped a non-finite update (0: never)
@@ -151,9 +160,11 @@ class TrainConfig:
 
     def optim(self, kind: str) -> Optim:
         if kind == "policy":
-            return Optim(self.policy_lr, self.weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps)
+            return Optim(self.policy_lr, self.weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps,
+                         self.adam_eps)
         lr = self.policy_lr if self.critic_lr is None else self.critic_lr
-        return Optim(lr, self.critic_weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps)
+        return Optim(lr, self.critic_weight_decay, tuple(self.betas), self.grad_clip, self.lr_warmup_steps,
+                     self.adam_eps)
 
 
 @dataclass

@@ -19,3 +19,7 @@ class NonFiniteError(TempoError):
 
 class ResumeError(TempoError):
     """A run cannot be resumed as asked (no checkpoint, or a config that differs from it)."""
+
+
+class ConvergenceError(TempoError):
+    """A build step (base model, verifier, stage 1) reached its step cap before its criterion."""

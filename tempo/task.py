@@ -20,7 +20,9 @@ Deterministic from a seed; the knobs are the modulus, the chain length and the t
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import re
 from dataclasses import dataclass
 
 from tempo.config import TaskConfig
@@ -84,6 +86,16 @@ class Teacher:
                         right = apply(op, a, b, m)
                         self.wrong_beliefs[(a, op, b)] = rng.choice([v for v in range(m) if v != right])
 
+    def distribution(self, a: int, op: str, b: int) -> list[float]:
+        """P(the teacher writes v) for v in 0..modulus-1, the law `write` samples from."""
+        m, right = self.cfg.modulus, apply(op, a, b, self.cfg.modulus)
+        slip = [self.cfg.slip / (m - 1) if v != right else 1.0 - self.cfg.slip for v in range(m)]
+        belief = self.wrong_beliefs.get((a, op, b))
+        if belief is None:
+            return slip
+        held = self.cfg.belief
+        return [(1.0 - held) * p + (held if v == belief else 0.0) for v, p in enumerate(slip)]
+
     def write(self, a: int, op: str, b: int, right: int, rng: random.Random) -> int:
         belief = self.wrong_beliefs.get((a, op, b))
         if belief is not None and rng.random() < self.cfg.belief:
@@ -138,6 +150,22 @@ def make_splits(cfg: TaskConfig) -> TaskSplits:
         split: [_problem(c, i, split, split != "unlabeled") for i, c in enumerate(_unique_chains(rng, cfg, size, taken))]
         for split, size in sizes.items()
     })
+
+
+STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+);")
+
+
+def teacher_floor(cfg: TaskConfig, corpus: list[tuple[str, str]], tokens_of) -> float:
+    """The lowest expected next-token loss on these teacher solutions (nats a token;
+    `tokens_of(solution)` counts a solution's tokens, EOS included): a model that knew the teacher exactly pays the entropy of each step's result
+    given the step, and nothing for the other tokens, which the question and the steps
+    before fix. The SFT of the base policy is done when its held-out loss is near this."""
+    teacher, nats, tokens = Teacher(cfg), 0.0, 0
+    for _, solution in corpus:
+        tokens += tokens_of(solution)
+        for a, op, b, _ in STEP.findall(solution):
+            nats -= sum(p * math.log(p) for p in teacher.distribution(int(a), op, int(b)) if p > 0)
+    return nats / tokens
 
 
 def sft_corpus(cfg: TaskConfig, count: int, seed: int, teacher: bool = True) -> list[tuple[str, str]]:

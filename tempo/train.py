@@ -37,13 +37,13 @@ def seed_everything(seed: int) -> None:
 
 def model_sources(cfg: Config) -> tuple[str, str | None]:
     """The checkpoints the run starts from: the user's policy (and critic, if given), or the
-    embedded base model (and its verifier, with `base_model.verifier_steps`); a critic of
+    embedded base model (and its verifier, with `base_model.verifier_max_steps`); a critic of
     None starts from the policy with a new value head."""
     critic = cfg.model.critic_path or None
     if cfg.model.policy_path:
         return cfg.model.policy_path, critic
     task, base = cfg.task, cfg.base_model
-    verifier = base.verifier_steps > 0 and critic is None
+    verifier = base.verifier_max_steps > 0 and critic is None
     if not dist.is_main():  # rank 0 builds them; the others wait for the finished directories
         paths = [base_model_dir(task, base)] + ([base_model_dir(task, base, "verifier")] if verifier else [])
         for path in paths:

@@ -1,16 +1,17 @@
 """The embedded task and base model: deterministic, disjoint splits, real HF checkpoints."""
+import dataclasses
+import math
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import dataclasses
-
 from tempo.base_model import base_model_dir, ensure_base_model, ensure_verifier_model
 from tempo.config import BaseModelConfig, TaskConfig
+from tempo.errors import ConvergenceError
 from tempo.grading import grade
-from tempo.task import Chain, Teacher, apply, make_splits, random_chain, sft_corpus
+from tempo.task import STEP, Chain, Teacher, apply, make_splits, random_chain, sft_corpus, teacher_floor
 
 
 def test_chain_solution_by_hand():
@@ -55,7 +56,7 @@ def test_too_many_questions_is_an_error():
 def test_base_model_builds_caches_and_loads(tmp_path):
     task = TaskConfig(num_labeled=4, num_unlabeled=4, num_heldout=4)
     base = BaseModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_size=64,
-                           sft_examples=64, sft_steps=3, sft_batch_size=8, cache_dir=str(tmp_path))
+                           sft_examples=64, sft_heldout=16, sft_max_steps=3, sft_tolerance=10.0, sft_batch_size=8, cache_dir=str(tmp_path))
     path = ensure_base_model(task, base)
     assert path == base_model_dir(task, base)
     mtime = (path / "model.safetensors").stat().st_mtime
@@ -74,7 +75,7 @@ def test_base_model_builds_caches_and_loads(tmp_path):
 def test_the_verifier_is_the_policy_trained_on_right_solutions(tmp_path):
     task = TaskConfig(num_labeled=4, num_unlabeled=4, num_heldout=4, modulus=7, slip=0.1, misconceptions=0.2)
     base = BaseModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_size=64,
-                           sft_examples=64, sft_steps=2, sft_batch_size=8, verifier_steps=2, cache_dir=str(tmp_path))
+                           sft_examples=64, sft_heldout=16, sft_max_steps=2, sft_tolerance=10.0, sft_batch_size=8, verifier_max_steps=2, verifier_tolerance=10.0, cache_dir=str(tmp_path))
     verifier = ensure_verifier_model(task, base)
     policy = base_model_dir(task, base)
     assert verifier == base_model_dir(task, base, "verifier") and (policy / "config.json").is_file()
@@ -82,9 +83,9 @@ def test_the_verifier_is_the_policy_trained_on_right_solutions(tmp_path):
     b = AutoModelForCausalLM.from_pretrained(verifier).state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     # The verifier's settings and stage 1's pool size do not touch the base policy's cache key.
-    assert base_model_dir(task, dataclasses.replace(base, verifier_steps=5)) == policy
+    assert base_model_dir(task, dataclasses.replace(base, verifier_max_steps=5)) == policy
     assert base_model_dir(dataclasses.replace(task, num_stage1=7), base) == policy
-    assert base_model_dir(task, dataclasses.replace(base, verifier_steps=5), "verifier") != verifier
+    assert base_model_dir(task, dataclasses.replace(base, verifier_max_steps=5), "verifier") != verifier
 
 
 def test_the_teacher_slips_and_misbelieves_at_the_configured_rates():
@@ -120,3 +121,29 @@ def _answer(question: str) -> int:
     for op, b in zip(rest[0::2], rest[1::2]):
         value = apply(op, value, int(b), int(modulus))
     return value
+
+
+def test_teacher_floor_is_the_cross_entropy_of_the_teachers_own_choices():
+    # The floor is an expectation; the teacher's own log-loss on what it wrote estimates it.
+    cfg = TaskConfig(modulus=7, min_ops=3, max_ops=5, slip=0.1, misconceptions=0.25, belief=0.7)
+    corpus = sft_corpus(cfg, 3000, seed=0)
+    teacher, nats, tokens = Teacher(cfg), 0.0, 0
+    for _, solution in corpus:
+        tokens += len(solution) + 1
+        for a, op, b, written in STEP.findall(solution):
+            nats -= math.log(teacher.distribution(int(a), op, int(b))[int(written)])
+    floor = teacher_floor(cfg, corpus, lambda s: len(s) + 1)
+    assert floor == pytest.approx(nats / tokens, rel=0.05)
+    assert all(abs(sum(teacher.distribution(a, op, b)) - 1) < 1e-12 for a in range(7) for op in "+-*" for b in range(7))
+    assert teacher_floor(TaskConfig(modulus=7), sft_corpus(TaskConfig(modulus=7), 50, seed=0), len) == 0.0
+
+
+def test_sft_that_misses_its_target_by_the_cap_is_one_line_naming_the_knob(tmp_path):
+    task = TaskConfig(num_labeled=4, num_unlabeled=4, num_heldout=4, modulus=7, slip=0.1)
+    base = BaseModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_size=64,
+                           sft_examples=64, sft_heldout=16, sft_max_steps=2, sft_eval_every=1, sft_batch_size=8,
+                           cache_dir=str(tmp_path))
+    with pytest.raises(ConvergenceError, match=r"base model: held-out loss \d\.\d+ after 2 SFT steps "
+                                               r"\(base_model.sft_max_steps\), target 0\.\d+ \(floor 0\.\d+\)"):
+        ensure_base_model(task, base)
+    assert not base_model_dir(task, base).exists()  # nothing half-built is left to be loaded

@@ -22,7 +22,11 @@ import torch.distributed as dist
 from tempo.config import Optim
 from tempo.models.base import TokenBatch
 
-OPTIM = Optim(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0)
+# AdamW's first step moves a weight by lr * g / (|g| + eps): near g = 0 a gradient that differs
+# by rounding (1e-9, another summation order in another layout or on another processor) moves
+# it by up to lr * 1e-9 / eps. eps 1e-6 keeps that at 1e-7, well under the tests' 1e-5, while
+# a wrong gradient still moves weights by about lr.
+OPTIM = Optim(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, eps=1e-6)
 MICRO_BATCH = 2
 
 

@@ -143,7 +143,7 @@ class HFModel(TrainableLM):
                 unit.set_force_sum_reduction_for_comms(True)
         # fused: one kernel for every parameter (CPU and CUDA), 5x faster than the loop on CPU
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                           betas=optim.betas, fused=True)
+                                           betas=optim.betas, eps=optim.eps, fused=True)
 
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device)

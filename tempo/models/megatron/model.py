@@ -264,7 +264,7 @@ class MegatronModel(TrainableLM):
         self.masters = self.params if dtype == torch.float32 else [
             torch.nn.Parameter(torch.empty_like(p, dtype=torch.float32)) for p in self.params]
         self.optimizer = torch.optim.AdamW(self.masters, lr=optim.lr, weight_decay=optim.weight_decay,
-                                           betas=optim.betas)
+                                           betas=optim.betas, eps=optim.eps)
 
     # -- names and weights ---------------------------------------------------------------
 
