@@ -49,9 +49,9 @@ def ensure_base_model(task: TaskConfig, base: BaseModelConfig) -> Path:
                              eos_id=tokenizer.eos_token_id)
     train, heldout = _split(sft_corpus(task, base.sft_examples + base.sft_heldout, base.seed), base.sft_heldout)
     floor = teacher_floor(task, heldout, lambda text: len(tokenizer(text)["input_ids"]) + 1)
-    train_sft(model, tokenizer, train, heldout, base, "base model", steps=base.sft_max_steps,
-              peak_lr=base.sft_lr, target=floor + base.sft_tolerance, floor=floor)
-    return _save(model, tokenizer, out)
+    fit = train_sft(model, tokenizer, train, heldout, base, "base model", steps=base.sft_max_steps,
+                    peak_lr=base.sft_lr, target=floor + base.sft_tolerance, floor=floor)
+    return _save(model, tokenizer, out, fit)
 
 
 def ensure_verifier_model(task: TaskConfig, base: BaseModelConfig) -> Path:
@@ -67,9 +67,9 @@ def ensure_verifier_model(task: TaskConfig, base: BaseModelConfig) -> Path:
     model = Qwen3ForCausalLM.from_pretrained(policy)
     corpus = sft_corpus(task, base.sft_examples + base.sft_heldout, base.seed, teacher=False)
     train, heldout = _split(corpus, base.sft_heldout)
-    train_sft(model, tokenizer, train, heldout, base, "verifier", steps=base.verifier_max_steps,
-              peak_lr=base.verifier_lr, target=base.verifier_tolerance, floor=0.0)
-    return _save(model, tokenizer, out)
+    fit = train_sft(model, tokenizer, train, heldout, base, "verifier", steps=base.verifier_max_steps,
+                    peak_lr=base.verifier_lr, target=base.verifier_tolerance, floor=0.0)
+    return _save(model, tokenizer, out, fit)
 
 
 def _split(corpus: list, heldout: int) -> tuple[list, list]:
@@ -77,10 +77,12 @@ def _split(corpus: list, heldout: int) -> tuple[list, list]:
     return corpus[:-heldout], corpus[-heldout:]
 
 
-def _save(model, tokenizer, out: Path) -> Path:
+def _save(model, tokenizer, out: Path, fit: dict) -> Path:
+    """The model, its tokenizer and how its training ended (`build.json`), published at once."""
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "build.json").write_text(json.dumps(fit, indent=1))
     publish(tmp, out)
     return out
 

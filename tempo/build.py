@@ -96,19 +96,26 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         critic = HFModel(load_critic_module(critic_source, torch.float32, init_from_policy=new_head, attn=attn),
                          "critic", t.optim("critic"), **options) if need_critic else None
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    engine: RolloutEngine
     if cfg.rollout.engine == "vllm":  # vLLM holds its own copy of the policy, refreshed every M-step
         from tempo.rollout.vllm import VLLMRolloutEngine, start_llm
 
-        tp = cfg.model.tensor_parallel if cfg.model.backend == "megatron" else 1
-        llm = start_llm(cfg.rollout, policy_path, tensor_parallel=tp, dtype=cfg.model.dtype, seed=t.seed,
-                        world_size=launched_world_size())
-        return Models(policy, critic, VLLMRolloutEngine(cfg.rollout, llm, tokenizer, seed=t.seed), tokenizer)
-    from tempo.rollout.hf import HFRolloutEngine
+        # the ranks of a tensor-parallel group share one engine (pipeline stages each run their own)
+        replicas = cfg.model.tensor_parallel if cfg.model.backend == "megatron" else 1
+        llm = start_llm(cfg.rollout, policy_path, tensor_parallel=replicas, dtype=cfg.model.dtype, seed=t.seed)
+        engine = VLLMRolloutEngine(cfg.rollout, llm, tokenizer, seed=t.seed)
+    else:
+        from tempo.rollout.hf import HFRolloutEngine
 
-    # One HF process generates with the policy's own module (weight sync is free); Megatron's
-    # and FSDP2's shards cannot generate, so each rank samples with a full copy, refreshed from
-    # export_weights().
-    own = cfg.model.backend == "hf" and launched_world_size() == 1
-    sampler = policy.module if own else load_policy_module(policy_path, dtype).to(device())
-    engine = HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share, compute_dtype=dtype)
+        # One HF process generates with the policy's own module (weight sync is free); Megatron's
+        # and FSDP2's shards cannot generate, so each rank samples with a full copy, refreshed from
+        # export_weights(): every rank is an engine of its own.
+        replicas = 1
+        own = cfg.model.backend == "hf" and launched_world_size() == 1
+        sampler = policy.module if own else load_policy_module(policy_path, dtype).to(device())
+        engine = HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share, compute_dtype=dtype)
+    if cfg.rollout.split_over_ranks and launched_world_size() // replicas > 1:  # each engine samples a slice
+        from tempo.rollout.parallel import DataParallelRollout
+
+        engine = DataParallelRollout(engine, tokenizer.pad_token_id, replicas)
     return Models(policy, critic, engine, tokenizer)

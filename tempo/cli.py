@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # transformers' per-file loading and saving bars say nothing about a run's progress
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     debug = args.debug or os.environ.get("TEMPO_DEBUG") == "1"
     try:
         args.func(args)

@@ -72,7 +72,7 @@ class BaseModelConfig:
     # held-out loss on them is under verifier_tolerance (a verifier that knows more than the
     # policy); verifier_max_steps 0: the policy itself.
     verifier_max_steps: int = 0
-    verifier_tolerance: float = 0.01
+    verifier_tolerance: float = 0.002
     verifier_lr: float = 1e-3
     seed: int = 0
     cache_dir: str = ".cache/tempo"
@@ -106,7 +106,15 @@ class RolloutConfig:
     max_new_tokens: int = 48
     min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks force full length)
     max_prompt_tokens: int = 1024  # a longer prompt is an error naming it (the memory plan counts on it)
-    gpu_memory_utilization: float = 0.5  # vllm: its share of each GPU (weights + KV cache) while awake
+    # vllm: its share of each GPU (weights + KV cache) while awake, lowered (with a warning) to 95%
+    # of what is free when it starts beside the trainer's models
+    gpu_memory_utilization: float = 0.5
+    # vllm: one seed per request, reproducible but on vLLM's slower per-request sampling path;
+    # off, the engine's seeded generator samples
+    seed_requests: bool = False
+    # under torchrun each data-parallel engine samples its slice of a call's prompts; off, every
+    # rank samples them all, as one process would (the multi-process equivalence tests)
+    split_over_ranks: bool = True
 
 
 @dataclass
@@ -172,8 +180,11 @@ class Stage1Config:
     """Before test time (the paper's stage 1): train the critic on labeled rollouts of the base
     policy, then optionally RLVR steps, on stage 1's own labeled data. Cached."""
 
-    critic_epochs: int = 0  # passes of value regression over one roll-out of the stage-1 pool
+    critic_epochs: int = 0  # at most this many passes of value regression over one roll-out of the pool
     critic_prompts: int = 0  # stage-1 prompts rolled out for it (0: all)
+    # pool questions held out of the fit: it stops after the first pass that does not lower
+    # their value loss by 0.5% (0: every pass runs)
+    critic_validation: int = 0
     critic_batch: int = 64  # rows per critic optimiser step
     critic_lr: float = 1e-3
     steps: int = 0  # RLVR steps after the critic's training (policy and critic)

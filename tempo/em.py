@@ -15,7 +15,9 @@ TTRL, EMPO and RLVR are this loop with other parts (tempo.methods).
 """
 from __future__ import annotations
 
+import logging
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +30,14 @@ from tempo.errors import ConfigError, NonFiniteError
 from tempo.evaluate import evaluate, roll
 from tempo.grading import Grade
 from tempo.methods import Method
-from tempo.metrics import brier
+from tempo.metrics import auroc, brier
 from tempo.models.base import TokenBatch, TrainableLM
 from tempo.profiling import phase
 from tempo.rollout.base import Rollouts
 from tempo.task import TaskSplits
+
+log = logging.getLogger("tempo")
+
 
 @dataclass
 class Batch:
@@ -336,26 +341,52 @@ class EMTrainer:
                 mini.extras["share"] = algorithm.loss_shares(mini.response_mask, agg)
                 yield mini
 
-    def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int) -> dict[str, float]:
+    def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int, validation: int = 0) -> dict[str, float]:
         """Stage 1's critic training: roll out `problems` once, then regress the critic's values
-        toward the verified outcome R ∈ {+1, −1} for `epochs` passes (no clip: no old critic to
-        stay near). Rolling out once and reusing the rows is what makes it cheap."""
+        toward the verified outcome R ∈ {+1, −1} (no clip: no old critic to stay near), pass
+        after pass over the same rows (rolling out once is what makes it cheap). The last
+        `validation` problems are held out of the fit: it stops after the first pass that does
+        not lower their value loss by 0.5%, or after `epochs` passes."""
         rollouts, grades = self._roll(problems, self.cfg.rollout.n)
         tokens = rollouts.token_batch()
         returns = torch.tensor([1.0 if g.correct else -1.0 for g in grades])
         tokens.extras = {"old_values": torch.zeros_like(tokens.response_mask), "returns": returns}
-        agg = self.cfg.algorithm.loss_agg
+        held = min(validation, len(problems) - 1) * self.cfg.rollout.n
+        fit, val = tokens.select(slice(0, len(tokens) - held)), tokens.select(slice(len(tokens) - held, len(tokens)))
+        agg, micro = self.cfg.algorithm.loss_agg, self.cfg.train.micro_batch_size
 
         def loss_fn(out, mb):
             loss, _ = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
                                            mb.response_mask, float("inf"), agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item()}
 
-        losses = [self.critic.train_step(mini.split(self.cfg.train.micro_batch_size), loss_fn)["value_loss"]
-                  for mini in self._mini_batches(tokens, epochs, batch_rows, agg)]
-        return {"rows": float(len(tokens)), "accuracy": float(returns.gt(0).float().mean()),
-                "value_loss_first": losses[0] if losses else float("nan"),
-                "value_loss_last": losses[-1] if losses else float("nan")}
+        def validate() -> tuple[float, float]:
+            values = self.critic.infer(val, micro)["values"]
+            loss, _ = algorithm.value_loss(values, val.extras["old_values"], val.extras["returns"],
+                                           val.response_mask, float("inf"), agg)
+            return loss.item(), auroc(rewards.last_token(values, val.response_mask), val.extras["returns"].gt(0).float())
+
+        out = {"rows": float(len(fit)), "accuracy": float(returns.gt(0).float().mean()), "epochs": 0.0}
+        best, started = float("inf"), time.perf_counter()
+        shown, steps = started, -(-len(fit) // batch_rows)
+        for epoch in range(1, epochs + 1):
+            losses = []
+            for mini in self._mini_batches(fit, 1, batch_rows, agg):
+                losses.append(self.critic.train_step(mini.split(micro), loss_fn)["value_loss"])
+                if time.perf_counter() - shown > 30:  # a pass takes minutes on a CPU
+                    shown = time.perf_counter()
+                    log.info("stage 1 critic pass %d: %d of %d updates, value loss %.4f, %.0fs", epoch, len(losses),
+                             steps, sum(losses[-50:]) / len(losses[-50:]), shown - started)
+            out |= {"epochs": float(epoch), "value_loss": sum(losses) / len(losses)}
+            line = f"stage 1 critic pass {epoch} (at most {epochs}): value loss {out['value_loss']:.4f}"
+            if held:
+                out["validation_loss"], out["validation_auroc"] = validate()
+                line += f", held-out pool questions: value loss {out['validation_loss']:.4f}, AUROC {out['validation_auroc']:.3f}"
+            log.info("%s, %.0fs", line, time.perf_counter() - started)
+            if held and out["validation_loss"] > best * 0.995:
+                break
+            best = min(best, out.get("validation_loss", best))
+        return out
 
     # -- evaluation --------------------------------------------------------------------
 

@@ -91,9 +91,10 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
     trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
     if s.critic_epochs:
         pool = splits.stage1[: s.critic_prompts or None]
-        fit = trainer.fit_critic(pool, s.critic_epochs, s.critic_batch)
-        log.info("stage 1 critic: %d rows (accuracy %.3f), value loss %.4f -> %.4f", fit["rows"], fit["accuracy"],
-                 fit["value_loss_first"], fit["value_loss_last"])
+        fit = trainer.fit_critic(pool, s.critic_epochs, s.critic_batch, s.critic_validation)
+        log.info("stage 1 critic: %d rows (accuracy %.3f), %d passes, value loss %.4f%s", fit["rows"], fit["accuracy"],
+                 fit["epochs"], fit["value_loss"], f", held-out pool AUROC {fit['validation_auroc']:.3f}"
+                 if "validation_auroc" in fit else "")
     for i in range(s.steps):
         stats = trainer.train_step()
         log.info("stage 1 RLVR step %d: labeled_acc %.3f%s", i + 1, stats["labeled_acc"],
@@ -103,6 +104,7 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
     models.critic.save(str(tmp / "critic"))
     if dist.is_main():
         models.tokenizer.save_pretrained(str(tmp / "policy"))
+        (tmp / "build.json").write_text(json.dumps(fit if s.critic_epochs else {}, indent=1))
         publish(tmp, out)
     dist.barrier()
     return str(out / "policy"), str(out / "critic")
@@ -198,7 +200,16 @@ def _run(cfg: Config, run_dir: Path, start: Path | None) -> dict:
         logger.close()
     if not dist.is_main():
         return {}
-    return write_report(run_dir, cfg.algorithm.method, time.time() - started)
+    return write_report(run_dir, cfg.algorithm.method, time.time() - started, chance_levels(cfg))
+
+
+def chance_levels(cfg: Config) -> dict[str, float]:
+    """Accuracy of guessing the answer, where the task defines it: the embedded task's
+    answers are uniform over the residues."""
+    if cfg.data.source != "embedded":
+        return {}
+    p = 1.0 / cfg.task.modulus
+    return {"mean@k": p, "maj@k": p, "pass@k": 1.0 - (1.0 - p) ** cfg.eval.pass_k}
 
 
 def save_checkpoint(trainer: EMTrainer, run_dir: Path, keep: int) -> Path | None:

@@ -212,3 +212,24 @@ def test_profile_window_traces_the_phases_of_its_steps(tmp_path, micro_model):
 def test_bad_profile_window_is_a_config_error(text):
     with pytest.raises(ConfigError, match="run.profile_steps"):
         load_config(None, [f"run.profile_steps={text}"])
+
+
+def test_stage1_critic_stops_on_its_held_out_questions_and_reports_it(tmp_path, micro_model):
+    cfg = micro_config(tmp_path, micro_model, "train.steps=0", "task.num_stage1=12", "stage1.steps=0",
+                       "stage1.critic_epochs=40", "stage1.critic_validation=4", "stage1.critic_batch=16",
+                       "stage1.critic_lr=0.02")
+    train(cfg)
+    (built,) = (tmp_path / "cache").glob("stage1-*/build.json")
+    fit = json.loads(built.read_text())
+    assert fit["rows"] == (12 - 4) * cfg.rollout.n  # the held-out questions' rows are not fitted
+    assert 1 <= fit["epochs"] < 40  # stopped by the rule, not the cap: 32 rows are soon fitted
+    assert "validation_auroc" in fit and fit["validation_loss"] > 0  # (AUROC NaN: the micro model is never right)
+
+
+def test_regime_check_reads_the_held_out_slice():
+    from tempo.report import regime
+
+    base = {"mean@k": 0.1, "maj@k": 0.1, "heldout_mean@k": 0.40, "heldout_maj@k": 0.52, "critic_auroc_heldout": 0.79}
+    text = regime(base)
+    assert "critic AUROC 0.790 (FAILS: a useful verifier needs 0.80)" in text
+    assert "maj@k − mean@k +12.0 points (passes" in text  # the held-out slice's, not D_U's 0.0

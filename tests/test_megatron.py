@@ -366,7 +366,7 @@ def test_em_steps_under_torchrun_match_hf_backend(tmp_path, layout):
               "train.steps=2", "eval.every=2", "stage1.steps=0", "stage1.critic_epochs=0",
               "train.prompts_per_step=4", "train.labeled_per_step=2", "task.num_unlabeled=16",
               "eval.max_prompts=8", "rollout.max_new_tokens=24", "run.tensorboard=false", "run.progress=false",
-              "run.save_checkpoints=false"]
+              "run.save_checkpoints=false", "rollout.split_over_ranks=false"]  # every rank samples all, as one process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     runs = {"hf": [sys.executable, "-m", "tempo.cli", "train", *common, f"run.out_dir={tmp_path / 'hf'}"],
             "two ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -12,11 +12,29 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+import inspect
 from typing import Callable, Iterator
 
 import torch
 
 from tempo.config import Optim
+
+
+def with_cache(forward: Callable, cache) -> dict:
+    """The keyword that hands a KV cache to a transformers model (its forward, or generate,
+    which passes it on): `cache` where the forward takes it (transformers 5.2x, which warns on
+    the old name), `past_key_values` before (the GPU image and vLLM's pin are 5.17-5.19)."""
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
+def enable_recompute(module: torch.nn.Module) -> None:
+    """Activation checkpointing of every layer, under its current name where it has one."""
+    enable = getattr(module, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of left-padded rows: they count real tokens only, as during generation."""

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 import tempo_kernels
 from tempo.config import Optim
 from tempo.dist import device as process_device
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, left_padded_positions
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, enable_recompute, finish_step, left_padded_positions, with_cache
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -97,11 +97,11 @@ class Scorer(torch.nn.Module):
         cache = DynamicCache(config=trunk.config)
         prompt_mask = prompts[:, P:]
         head = trunk(input_ids=prompts[:, :P], attention_mask=prompt_mask,
-                     position_ids=left_padded_positions(prompt_mask), past_key_values=cache,
+                     position_ids=left_padded_positions(prompt_mask), **with_cache(trunk.forward, cache),
                      use_cache=True).last_hidden_state
         cache.batch_select_indices(inverse)
         tail = trunk(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
-                     past_key_values=cache, use_cache=True).last_hidden_state
+                     **with_cache(trunk.forward, cache), use_cache=True).last_hidden_state
         return torch.cat([head[inverse, -1:], tail[:, :-1]], 1)
 
 
@@ -117,7 +117,7 @@ class HFModel(TrainableLM):
         self.device = process_device()  # the loop's tensors stay on the CPU; each batch moves here
         self.module, self.kind = module.to(self.device), kind
         if recompute == "full":  # each layer's input kept, the rest recomputed in backward
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_recompute(module)
         # A recomputed layer would write the shared prompt's KV cache a second time; under FSDP2
         # every rank must run its units as often as the others, which the shared path (two
         # passes, or one when a micro-batch has no repeated prompt) does not guarantee.
@@ -218,8 +218,16 @@ class HFModel(TrainableLM):
         return Path(path) / (OPTIMIZER_FILE if self.world == 1 else f"optimizer_rank{self.rank}.pt")
 
     def save(self, path: str) -> None:
-        """HF layout (rank 0) and the optimiser state (each rank its shard)."""
-        weights = dict(self.export_weights())
+        """HF layout (rank 0) and the optimiser state (each rank its shard). Under FSDP2 the full
+        weights are gathered tensor by tensor into rank 0's CPU memory (the other ranks get an
+        empty dict): the whole fp32 model on every rank's GPU would not fit beside training."""
+        if self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            weights = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        else:
+            weights = dict(self.export_weights())
         Path(path).mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             self.module.save_pretrained(path, state_dict=weights)

@@ -1,14 +1,18 @@
 """Rollout with Hugging Face `generate` (KV cache), for CPU runs and small models."""
 from __future__ import annotations
 
+import logging
+import time
 from typing import Iterable
 
 import torch
 from transformers import DynamicCache, GenerationConfig
 
 from tempo.config import RolloutConfig
-from tempo.models.base import left_padded_positions
+from tempo.models.base import left_padded_positions, with_cache
 from tempo.rollout.base import RolloutEngine, Rollouts, check_prompt_lengths, pad_responses
+
+log = logging.getLogger("tempo")
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -49,12 +53,16 @@ class HFRolloutEngine(RolloutEngine):
         gen_cfg = self._generation_config(temperature)
         rows = []
         per_call = max(1, self.batch_size // n)  # prompts per generate call
+        started = shown = time.perf_counter()
         for start in range(0, len(prompts), per_call):
+            if time.perf_counter() - shown > 30:  # a long roll-out (stage 1's pool) says where it is
+                shown = time.perf_counter()
+                log.info("rollout: %d of %d prompts, %.0fs", start, len(prompts), shown - started)
             sl = slice(start * n, (start + per_call) * n)
             cache = self._prompt_cache(enc.input_ids[start:start + per_call],
                                        enc.attention_mask[start:start + per_call], n)
             out = self.module.generate(input_ids=prompt_ids[sl], attention_mask=prompt_mask[sl],
-                                       generation_config=gen_cfg, past_key_values=cache)
+                                       generation_config=gen_cfg, **with_cache(self.module.forward, cache))
             rows += out[:, prompt_ids.shape[1]:].tolist()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, mask, truncated = pad_responses(rows, eos, pad, self.cfg.max_new_tokens)
@@ -72,7 +80,7 @@ class HFRolloutEngine(RolloutEngine):
         cache = DynamicCache(config=self.module.config)
         head, head_mask = ids[:, :-1], mask[:, :-1]
         self.module.model(input_ids=head, attention_mask=head_mask, position_ids=left_padded_positions(head_mask),
-                          past_key_values=cache, use_cache=True)
+                          **with_cache(self.module.model.forward, cache), use_cache=True)
         cache.batch_repeat_interleave(n)
         return cache
 

@@ -11,23 +11,31 @@ training has the GPU. A rollout:
 weights' wake: waking copies vLLM's CPU backup back, so weights loaded before it would be
 silently replaced by the base model's (the pitfall tests/test_vllm_engine.py checks).
 
-Under torchrun every rank runs its own vLLM inside the training process
-(`distributed_executor_backend="external_launcher"`) with the trainer's tensor-parallel size,
-and every rank samples the same rollouts (one seed per call, the same on every rank), as the
-EM loop expects. The engine returns the token ids and each sampled token's log-prob.
+vLLM always runs inside the training process (`distributed_executor_backend="external_launcher"`,
+also without torchrun): its default runs the engine in another process, where `apply_model`
+cannot send a function and every weight bucket would be pickled across. Under torchrun each
+tensor-parallel group of ranks (the trainer's TP size) shares one engine, and
+tempo.rollout.parallel.DataParallelRollout gives each engine its slice of a call's prompts and
+seeds its sampling (vLLM's seeded generator: per-request seeds only with
+`rollout.seed_requests`). The engine returns the token ids and each sampled token's log-prob.
 
 Written against vLLM's documented `LLM` API (sleep, wake_up with tags, reset_prefix_cache,
 apply_model, generate with SamplingParams); never run on a GPU here.
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Iterable, Iterator
 
 import torch
 
 from tempo.config import RolloutConfig
+from tempo.dist import _free_port
 from tempo.errors import ConfigError
 from tempo.rollout.base import RolloutEngine, Rollouts, check_prompt_lengths, pad_responses
+
+log = logging.getLogger("tempo")
 
 BUCKET_BYTES = 512 << 20
 
@@ -47,15 +55,35 @@ def buckets(weights: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iter
         yield bucket
 
 
-def start_llm(cfg: RolloutConfig, model_path: str, *, tensor_parallel: int, dtype: str, seed: int, world_size: int):
+def vllm_memory_fraction(asked: float, free: int, total: int) -> float:
+    """vLLM's share of the GPU: the one asked for, but at most 95% of what is free. vLLM refuses to
+    start unless that much of the GPU is free, and the trainer's models are already on it."""
+    return min(asked, 0.95 * free / total)
+
+
+def start_llm(cfg: RolloutConfig, model_path: str, *, tensor_parallel: int, dtype: str, seed: int):
     try:
         from vllm import LLM
     except ImportError as err:
         raise ConfigError("rollout.engine: vllm is not installed (pip install .[gpu], on a GPU machine)") from err
+    # The external launcher reads torchrun's variables; a one-process run is a world of one.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    share = cfg.gpu_memory_utilization
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        share = vllm_memory_fraction(cfg.gpu_memory_utilization, free, total)
+        if share < cfg.gpu_memory_utilization:
+            log.warning("rollout.gpu_memory_utilization: %.2f asked, but %.1f of %.1f GiB is free beside the "
+                        "trainer's models; vLLM gets %.2f", cfg.gpu_memory_utilization, free / 2**30,
+                        total / 2**30, share)
     return LLM(model=model_path, tensor_parallel_size=tensor_parallel, dtype=dtype, seed=seed,
-               gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=True,
+               gpu_memory_utilization=share, enable_sleep_mode=True,
                enable_prefix_caching=True, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-               distributed_executor_backend="external_launcher" if world_size > 1 else None)
+               logprobs_mode="processed_logprobs",  # after temperature, as the trainer's (default: before)
+               distributed_executor_backend="external_launcher")
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -83,15 +111,19 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import SamplingParams
 
         self.llm.wake_up(tags=["weights"])
-        self._load_pending()
-        self.llm.reset_prefix_cache()
-        self.llm.wake_up(tags=["kv_cache"])
-        try:
+        try:  # whatever fails, the engine goes back to sleep: training needs the memory back
+            self._load_pending()
+            self.llm.reset_prefix_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            # A request's own seed sends vLLM down its slow per-request sampling path; without one
+            # vLLM draws from torch's generator of the GPU (in this process: seeded with the LLM's
+            # seed at start, and per call and DP rank by DataParallelRollout).
+            request_seed = {}
+            if self.cfg.seed_requests:
+                request_seed, self.calls = {"seed": self.seed + self.calls}, self.calls + 1
             params = SamplingParams(
                 n=n, temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
-                max_tokens=self.cfg.max_new_tokens, min_tokens=self.cfg.min_new_tokens, logprobs=0,
-                seed=self.seed + self.calls)  # the same on every rank: every rank trains on the same rollouts
-            self.calls += 1
+                max_tokens=self.cfg.max_new_tokens, min_tokens=self.cfg.min_new_tokens, logprobs=0, **request_seed)
             ids = [self.tokenizer(p).input_ids for p in prompts]  # as the HF engine tokenizes
             check_prompt_lengths([len(x) for x in ids], prompts, self.cfg.max_prompt_tokens)
             outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
