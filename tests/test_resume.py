@@ -176,3 +176,50 @@ def test_non_finite_critic_values_skip_the_step_and_name_the_e_step(tmp_path, mi
     rows = [r for r in read(tmp_path / "run") if r["phase"] == "train"]
     assert [(r["nonfinite_values"], r["skipped_step"]) for r in rows] == [(1.0, 1.0), (1.0, 1.0)]
     assert "actor/pg_loss" not in rows[0]  # neither model was updated
+
+
+def test_the_default_configs_shapes_resume_exactly_across_every_cycle(tmp_path):
+    """The default config's shapes (model, 32 prompts × 8 samples × 48 tokens, two mini-batches)
+    on a random model (exactness does not need a trained one): killed after step 4's checkpoint
+    and resumed, then on to step 12, past D_L's reshuffle (step 9) and D_U's (step 11)."""
+    from pathlib import Path
+
+    from tempo.base_model import build_tiny_qwen3
+    from tempo.config import BaseModelConfig, load_config
+    from tempo.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    build_tiny_qwen3(BaseModelConfig(), len(tok), tok.pad_token_id, tok.eos_token_id).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+
+    def args(name):
+        return ["--config", config, f"model.policy_path={tmp_path / 'model'}", "stage1.critic_epochs=0",
+                "train.steps=12", "eval.every=100", "eval.max_prompts=32", "run.checkpoint_every=2", "run.progress=false",
+                "run.tensorboard=false", f"run.out_dir={tmp_path / name}", f"base_model.cache_dir={tmp_path / 'cache'}"]
+
+    def cli(*extra):  # through the CLI, as a user runs it
+        return subprocess.run([sys.executable, "-m", "tempo.cli", "train", *extra], capture_output=True, text=True,
+                              timeout=600)
+
+    assert cli(*args("whole")).returncode == 0
+    killed = textwrap.dedent("""
+        import os, signal, sys
+        from tempo import checkpoint
+        commit = checkpoint.commit
+        def dying_commit(tmp, step, keep):
+            out = commit(tmp, step, keep)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        checkpoint.commit = dying_commit
+        from tempo.cli import main
+        main(["train", *sys.argv[1:]])
+    """)
+    proc = subprocess.run([sys.executable, "-c", killed, *args("killed")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = cli(*args("killed"), "--resume")
+    assert proc.returncode == 0 and "(step 4)" in proc.stderr, proc.stderr[-2000:]
+    reference, resumed = read(tmp_path / "whole"), read(tmp_path / "killed")
+    assert [r["step"] for r in resumed if r["phase"] == "train"] == list(range(1, 13))
+    assert resumed == reference  # every metric of every step, to the last bit
