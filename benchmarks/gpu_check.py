@@ -243,9 +243,17 @@ def vllm_parity(model: Path, smoke: bool) -> dict:
     ours = models.policy.infer(tokens, cfg.train.micro_batch_size)["logp"]
     mask = tokens.response_mask.bool()
     diff = (ours - rollouts.logprobs).abs()[mask]
+    # The weight sync an M-step ends with: sync_weights only records the export, the next
+    # rollout loads it; time a one-prompt rollout with and without a pending load.
+    def one_prompt_s() -> float:
+        start = time.perf_counter()
+        models.engine.generate(prompts[:1], 1)
+        return time.perf_counter() - start
+
+    bare_s = one_prompt_s()
     start = time.perf_counter()
-    models.engine.sync_weights(models.policy.export_weights())  # the weight sync an M-step ends with
-    sync_s = time.perf_counter() - start
+    models.engine.sync_weights(models.policy.export_weights())
+    sync_s = time.perf_counter() - start + one_prompt_s() - bare_s
     return {"status": "ran", "completion_tokens_per_s": float(mask.sum()) / gen_s, "weight_sync_s": sync_s,
             "logp_diff_mean": float(diff.mean()), "logp_diff_max": float(diff.max()),
             "rows": len(tokens), "torch": torch.__version__, "vllm": vllm.__version__}
