@@ -57,15 +57,16 @@ def row(setting: str, seed: int, config: str, extra: list[str]) -> dict:
 
 
 def table(rows: list[dict], tolerance: float) -> str:
-    lines = ["| setting | seed | SFT steps | held-out loss − floor | verifier steps | stage-1 passes | critic AUROC "
-             "| maj@8 − mean@8 (points) | held-out mean@8 | regime | minutes |", "|---" * 11 + "|"]
+    lines = ["| setting | seed | SFT steps | held-out loss − floor | verifier steps | stage-1 passes (pool AUROC) "
+             "| critic AUROC | maj@8 − mean@8 (points) | held-out mean@8 | regime | minutes |", "|---" * 11 + "|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['setting']} | {r['seed']} | error: {r['error'][:150]} |||||||| {r['minutes']:.1f} |")
             continue
         gap, ok = r["sft"]["heldout_loss"] - r["sft"]["floor"], r["auroc"] >= 0.80 and r["vote_gain"] >= 0.05
         lines.append(f"| {r['setting']} | {r['seed']} | {r['sft']['steps']} | {gap:.4f} (floor {r['sft']['floor']:.4f}) "
-                     f"| {r['verifier']['steps']} | {r['stage1'].get('epochs', 0):.0f} | {r['auroc']:.3f} "
+                     f"| {r['verifier']['steps']} | {r['stage1'].get('epochs', 0):.0f} ({r['stage1'].get('validation_auroc', 0):.3f}) "
+                     f"| {r['auroc']:.3f} "
                      f"| {100 * r['vote_gain']:+.1f} | {r['heldout_mean']:.3f} | {'passes' if ok else 'FAILS'} "
                      f"| {r['minutes']:.1f} |")
     passed = sum("error" not in r and r["auroc"] >= 0.80 and r["vote_gain"] >= 0.05 for r in rows)
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--settings", default="default,avx2")
+    ap.add_argument("--rows", default="", help="setting:seed pairs in this order, instead of --seeds x --settings")
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "regime_sweep.md")
     ap.add_argument("overrides", nargs="*", help="config overrides for every row (section.key=value)")
@@ -88,15 +90,18 @@ def main(argv=None) -> int:
 
     tolerance = load_config(ROOT / args.config, args.overrides).base_model.sft_tolerance
     rows, started, load = [], time.time(), os.getloadavg()[0]
-    for setting in args.settings.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            rows.append(row(setting, seed, args.config, args.overrides))
-            print(json.dumps(rows[-1]), flush=True)
-            text = (f"# Regime sweep (`python benchmarks/regime_sweep.py --seeds {args.seeds} --settings {args.settings}"
-                    f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`)\n\n"
-                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average at the start "
-                    f"{load:.2f}; {(time.time() - started) / 60:.0f} min in all.\n\n{table(rows, tolerance)}\n")
-            args.out.write_text(text)
+    order = [(setting, int(seed)) for setting in args.settings.split(",") for seed in args.seeds.split(",")]
+    if args.rows:
+        order = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows.split(",")]
+    for setting, seed in order:
+        rows.append(row(setting, seed, args.config, args.overrides))
+        print(json.dumps(rows[-1]), flush=True)
+        which = f"--rows {args.rows}" if args.rows else f"--seeds {args.seeds} --settings {args.settings}"
+        text = (f"# Regime sweep (`python benchmarks/regime_sweep.py {which}"
+                f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`)\n\n"
+                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average at the start "
+                f"{load:.2f}; {(time.time() - started) / 60:.0f} min in all.\n\n{table(rows, tolerance)}\n")
+        args.out.write_text(text)
     print(text)
     return 0 if all("error" not in r and r["auroc"] >= 0.80 and r["vote_gain"] >= 0.05 for r in rows) else 1
 

@@ -91,7 +91,7 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
     trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
     if s.critic_epochs:
         pool = splits.stage1[: s.critic_prompts or None]
-        fit = trainer.fit_critic(pool, s.critic_epochs, s.critic_batch, s.critic_validation)
+        fit = trainer.fit_critic(pool, s)
         log.info("stage 1 critic: %d rows (accuracy %.3f), %d passes, value loss %.4f%s", fit["rows"], fit["accuracy"],
                  fit["epochs"], fit["value_loss"], f", held-out pool AUROC {fit['validation_auroc']:.3f}"
                  if "validation_auroc" in fit else "")

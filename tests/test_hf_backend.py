@@ -143,6 +143,20 @@ def test_learning_rate_warms_up_over_optimiser_steps_then_stays():
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_a_callers_schedule_scales_the_step_and_zero_leaves_the_weights():
+    model = HFModel(module("critic"), "critic", Optim(1e-3, 0.0, (0.9, 0.999), 1.0))
+    batch = grouped_batch()
+
+    def loss_fn(out, mb):
+        return (out["values"] * mb.response_mask).sum(), {}
+
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    assert model.train_step([batch], loss_fn, lr_scale=0.0)["lr"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+    assert model.train_step([batch], loss_fn, lr_scale=0.25)["lr"] == pytest.approx(2.5e-4)
+    assert any(not torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+
+
 @pytest.mark.parametrize("kind", ["policy", "critic"])
 def test_bf16_compute_keeps_fp32_master_weights(kind):
     """model.dtype=bfloat16: matmuls in bf16 (outputs within bf16 rounding of fp32), weights and

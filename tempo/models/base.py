@@ -96,8 +96,9 @@ class TrainableLM(ABC):
         return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
 
     @abstractmethod
-    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
-        """One optimiser step: accumulate `loss_fn` gradients over the micro-batches, clip, step.
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:
+        """One optimiser step: accumulate `loss_fn` gradients over the micro-batches, clip, step
+        at the configured learning rate times `lr_scale` (a caller's schedule).
 
         `loss_fn` returns each micro-batch's share of the mini-batch loss (already weighted).
         """
@@ -118,7 +119,7 @@ class TrainableLM(ABC):
 
 
 def finish_step(optimizer: torch.optim.Optimizer, optim: Optim, totals: dict[str, float], grad_norm: float,
-                finite_loss: bool) -> dict[str, float]:
+                finite_loss: bool, lr_scale: float = 1.0) -> dict[str, float]:
     """Step the optimiser at this step's learning rate, unless the loss or the gradient norm is
     not finite: then the gradients are dropped and the optimiser (weights, moments, step
     count) is left untouched."""
@@ -129,7 +130,7 @@ def finish_step(optimizer: torch.optim.Optimizer, optim: Optim, totals: dict[str
         return totals
     # Warm-up counts the optimiser's own steps (kept in its state: a resumed run continues it).
     taken = next((int(state["step"]) for state in optimizer.state.values() if "step" in state), 0)
-    lr = optim.lr * min(1.0, (taken + 1) / optim.warmup_steps) if optim.warmup_steps else optim.lr
+    lr = lr_scale * (optim.lr * min(1.0, (taken + 1) / optim.warmup_steps) if optim.warmup_steps else optim.lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()

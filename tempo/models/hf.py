@@ -1,4 +1,5 @@
-"""Hugging Face backend: one process, any `AutoModelForCausalLM` checkpoint (Qwen3, OLMo3, ...).
+"""Hugging Face backend: any `AutoModelForCausalLM` checkpoint (Qwen3, OLMo3, ...), in one
+process or sharded with FSDP2 under torchrun.
 
 The policy never materialises [tokens, vocab] logits: it takes the trunk's hidden states
 and the LM head's weight to the fused log-prob op. The critic is the same trunk with a
@@ -177,7 +178,7 @@ class HFModel(TrainableLM):
             dist.all_reduce(v)
         return {k: v.cpu() for k, v in out.items()}
 
-    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -204,7 +205,7 @@ class HFModel(TrainableLM):
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         totals = {k: v / len(micro_batches) for k, v in sums.items()}
-        return finish_step(self.optimizer, self.optim, totals, float(grad_norm), finite)
+        return finish_step(self.optimizer, self.optim, totals, float(grad_norm), finite, lr_scale)
 
     def eval(self) -> None:
         self.module.eval()

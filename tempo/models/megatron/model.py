@@ -442,7 +442,7 @@ class MegatronModel(TrainableLM):
 
     # -- training ------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:
         self.stage.train()
         self.stage.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -456,7 +456,8 @@ class MegatronModel(TrainableLM):
         self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
         self._finish_grads()
         grad_norm = self._clip_grads()  # global over ranks: every rank takes the same decision
-        totals = finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True)
+        totals = finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True,
+                             lr_scale)
         if not totals["nonfinite"]:
             self._copy(self.masters, self.params)
         return totals
