@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tempo.config import Config
-from tempo.data import Problem, format_prompt, load_problems, mark_labeled, split_labeled
+from tempo.data import Problem, format_prompt, load_problems, mark_labeled, refuse_overlap, split_labeled
 from tempo.dist import device, init_process_group, launched_world_size
 from tempo.errors import ConfigError
 from tempo.models.base import TrainableLM, has_value_head
@@ -36,8 +36,9 @@ def build_splits(cfg: Config) -> TaskSplits:
     if d.labeled_fraction > 0:
         drawn, unlabeled = split_labeled(unlabeled, d.labeled_fraction, d.seed)
         labeled += drawn
-    return TaskSplits(labeled=labeled, unlabeled=unlabeled, heldout=heldout,
-                      stage1=load(d.stage1_files, True) or labeled)
+    stage1 = load(d.stage1_files, True)
+    refuse_overlap(unlabeled, {"D_L": labeled, "data.heldout_files": heldout, "data.stage1_files": stage1})
+    return TaskSplits(labeled=labeled, unlabeled=unlabeled, heldout=heldout, stage1=stage1 or labeled)
 
 
 def select_kernels(mode: str) -> None:
@@ -59,8 +60,8 @@ class Models:
 
 def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_critic: bool) -> Models:
     """Policy, critic (a checkpoint, or a value head on the policy's trunk) and rollout engine,
-    on the configured backend: Hugging Face in one process, or Megatron-core TP/PP/DP under
-    torchrun."""
+    on the configured backend: Hugging Face (one process, or FSDP2 under torchrun), or
+    Megatron-core TP/PP/DP under torchrun."""
     select_kernels(cfg.model.kernels)
     given = {"policy_path": policy_path, "critic_path": critic_path if need_critic else None}
     for key, path in given.items():

@@ -1,4 +1,4 @@
-"""The `tempo` command: train, eval, compare and config."""
+"""The `tempo` command: train, eval, compare, config and plan."""
 from __future__ import annotations
 
 import argparse

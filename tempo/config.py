@@ -125,6 +125,10 @@ class AlgorithmConfig:
     clip_high: float = 4e-4
     loss_agg: str = "seq-mean-token-mean"
     cliprange_value: float = 0.1
+    # The E-step's rows. labeled: mini-batches of the labeled rows, shuffled. masked (the authors'
+    # verl fork): contiguous mini-batches of the whole batch, each micro-batch's loss over its
+    # labeled rows weighted by its rows' share of the mini-batch; one without any still steps AdamW.
+    e_step_rows: str = "labeled"
     recalibrate_every: int = 1  # E-step period in steps (tempo); 0 never
     adaptive_brier: float = 0.05  # adaptive: E-step when the labeled batch's Brier rises this much
     filter_groups: bool = True  # drop labeled groups whose rewards all agree
@@ -151,12 +155,17 @@ class Optim:
 class TrainConfig:
     steps: int = 30
     prompts_per_step: int = 32
-    labeled_per_step: int = 8  # of prompts_per_step, drawn from D_L
+    labeled_per_step: int = 8  # of prompts_per_step, drawn from D_L (train.mixing=fixed)
+    # fixed: labeled_per_step D_L prompts a step, dropped labeled groups refilled with D_L prompts.
+    # flagged (the authors' verl fork): prompts_per_step prompts from one shuffled stream of
+    # D_L and D_U, each flagged; dropped groups refilled by whole batches from the stream, the
+    # kept groups cut to prompts_per_step; an error when algorithm.max_gen_batches runs out.
+    mixing: str = "fixed"
     mini_batches: int = 2  # optimiser steps per pass over the step's batch, policy and critic
     update_epochs: int = 1  # passes over the step's batch, policy and critic
     micro_batch_size: int = 64  # sequences per forward/backward
     policy_lr: float = 2e-4
-    critic_lr: Optional[float] = None  # None: the policy's (as the authors); 0 freezes the critic
+    critic_lr: Optional[float] = None  # None: the policy's; 0 freezes the critic (configs/paper: the authors' choices)
     weight_decay: float = 0.0  # the policy's
     critic_weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -182,11 +191,14 @@ class Stage1Config:
 
     critic_epochs: int = 0  # at most this many passes of value regression over one roll-out of the pool
     critic_prompts: int = 0  # stage-1 prompts rolled out for it (0: all)
+    critic_samples: int = 0  # responses rolled out per prompt (0: rollout.n)
     # pool questions held out of the fit: it stops after the first pass that does not lower
-    # their value loss by 0.5% (0: every pass runs)
+    # their value loss by 0.5%, or that brings their AUROC to critic_target_auroc (0: every pass runs)
     critic_validation: int = 0
+    critic_target_auroc: float = 1.0
     critic_batch: int = 64  # rows per critic optimiser step
     critic_lr: float = 1e-3
+    critic_decay: bool = False  # the fit's learning rate falls linearly to zero over critic_epochs passes
     steps: int = 0  # RLVR steps after the critic's training (policy and critic)
 
 
@@ -235,6 +247,8 @@ _CHOICES = {
     ("rollout", "engine"): ("hf", "vllm"),
     ("algorithm", "policy_loss"): ("gspo", "ppo"),
     ("algorithm", "loss_agg"): ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    ("algorithm", "e_step_rows"): ("labeled", "masked"),
+    ("train", "mixing"): ("fixed", "flagged"),
     ("run", "resume"): ("never", "auto", "force"),
 }
 
@@ -349,7 +363,7 @@ def validate(cfg: Config) -> None:
         )
     positive = [
         ("rollout", "n"), ("rollout", "max_new_tokens"), ("train", "prompts_per_step"),
-        ("train", "mini_batches"), ("train", "micro_batch_size"), ("eval", "k"),
+        ("train", "mini_batches"), ("train", "micro_batch_size"), ("eval", "k"), ("eval", "every"),
         ("task", "modulus"), ("task", "min_ops"),
     ]
     for sec, key in positive:
@@ -388,6 +402,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"task.{key}: must be a probability in [0, 1]")
     if cfg.train.max_bad_steps < 0:
         raise ConfigError("train.max_bad_steps: must be 0 or more")
+    if cfg.train.mixing == "flagged" and cfg.algorithm.vote_samples > cfg.rollout.n:
+        raise ConfigError("algorithm.vote_samples: extra voters need train.mixing=fixed")
+    if cfg.stage1.critic_samples < 0:
+        raise ConfigError("stage1.critic_samples: must be 0 (rollout.n) or more")
+    if not 0 <= cfg.stage1.critic_target_auroc <= 1:
+        raise ConfigError("stage1.critic_target_auroc: must be in [0, 1]")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -168,6 +168,23 @@ def split_labeled(
     return labeled, unlabeled
 
 
+def _question(problem: Problem) -> str:
+    """The question as compared across splits: its text (a chat's contents), whitespace-collapsed."""
+    text = problem.prompt if isinstance(problem.prompt, str) else "\n".join(m["content"] for m in problem.prompt)
+    return " ".join(text.split())
+
+
+def refuse_overlap(unlabeled: list[Problem], others: dict[str, list[Problem]]) -> None:
+    """No question of D_U may also be labeled, held out or in stage 1's data: its answer would
+    then reach training or the choice of settings. Raises DataError naming both rows."""
+    asked = {_question(p): p for p in unlabeled}
+    for name, problems in others.items():
+        for p in problems:
+            if (u := asked.get(_question(p))) is not None:
+                raise DataError(f"{name}: '{p.id}' ({p.source}) asks the same question as D_U's '{u.id}' ({u.source}); "
+                                f"D_U's answers must not reach training")
+
+
 def format_prompt(problem: Problem, template: str, tokenizer: Any = None) -> str:
     """The text given to the model.
 

@@ -1,13 +1,14 @@
 """The TEMPO EM loop (TEMPO, arXiv 2604.19295): alternate critic recalibration and policy refinement.
 
 One step:
-  1. sample prompts: labeled ones from D_L, unlabeled ones from D_U (the method decides);
+  1. sample prompts: labeled ones from D_L, unlabeled ones from D_U (the method decides; a
+     fixed count from each, or one flagged stream: `train.mixing`);
   2. roll out n responses each; verify the labeled ones against their answers; drop
-     labeled groups whose rewards all agree, rolling out more labeled prompts (up to a cap);
+     labeled groups whose rewards all agree, rolling out more prompts (up to a cap);
   3. score with the current models: old log-probs and the critic's values (before the
      critic is updated in this step);
   4. rewards: verified on labeled rows; on unlabeled rows the method's pseudo-reward
-     (TEMPO: the critic's last-token value; TTRL: majority agreement; EMPO: cluster size);
+     (TEMPO: the critic's last-token value; TTRL: in a most-voted answer cluster; EMPO: cluster size);
   5. advantages: em_token (R_T − V_t, whitened) or group-normalised (GRPO);
   6. E-step: regress the critic on the labeled rows toward R ∈ {+1, −1} (when due);
   7. M-step: GSPO/PPO policy update over mini-batches.
@@ -24,9 +25,9 @@ import torch
 
 from tempo import algorithm, rewards
 from tempo.build import Models
-from tempo.config import Config
+from tempo.config import Config, Stage1Config
 from tempo.data import Problem
-from tempo.errors import ConfigError, NonFiniteError
+from tempo.errors import ConfigError, NonFiniteError, RefillError
 from tempo.evaluate import evaluate, roll
 from tempo.grading import Grade
 from tempo.methods import Method
@@ -91,6 +92,9 @@ class EMTrainer:
         self.prompt_rng = random.Random(cfg.train.seed)
         self.labeled = Cycler(splits.labeled, self.prompt_rng)
         self.unlabeled = Cycler(splits.unlabeled, self.prompt_rng)
+        # train.mixing=flagged: one stream of the prompts the method trains on, each flagged
+        self.stream = Cycler((splits.labeled if method.labeled_prompts else []) +
+                             (splits.unlabeled if method.unlabeled is not None else []), self.prompt_rng)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.recalibrations = 0
@@ -103,6 +107,7 @@ class EMTrainer:
         return {"step": self.step, "recalibrations": self.recalibrations, "schedule_state": dict(self.schedule_state),
                 "bad_updates": dict(self.bad_updates), "prompt_rng": self.prompt_rng.getstate(),
                 "labeled_order": list(self.labeled.order), "unlabeled_order": list(self.unlabeled.order),
+                "stream_order": list(self.stream.order),
                 "shuffle_rng": self.shuffle.get_state(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate()}
 
@@ -111,6 +116,7 @@ class EMTrainer:
         self.schedule_state, self.bad_updates = dict(state["schedule_state"]), dict(state["bad_updates"])
         self.prompt_rng.setstate(state["prompt_rng"])
         self.labeled.order, self.unlabeled.order = list(state["labeled_order"]), list(state["unlabeled_order"])
+        self.stream.order = list(state.get("stream_order", []))
         self.shuffle.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -143,6 +149,8 @@ class EMTrainer:
         return Batch(problems, rollouts.select(rows), [grades[r] for r in rows.tolist()], self_reward[rows], n)
 
     def collect(self) -> tuple[Batch | None, dict[str, float]]:
+        if self.cfg.train.mixing == "flagged":
+            return self._collect_flagged()
         cfg, m, n = self.cfg, self.method, self.cfg.rollout.n
         # RLVR draws the same labeled prompts a step as TEMPO and nothing else: the control for
         # "does the critic's reward on D_U help?"
@@ -182,6 +190,40 @@ class EMTrainer:
                       Rollouts.concat([p.rollouts for p in parts], self.models.tokenizer.pad_token_id),
                       [g for p in parts for g in p.grades], torch.cat([p.self_reward for p in parts]),
                       cfg.rollout.n)
+        return batch, stats
+
+    def _collect_flagged(self) -> tuple[Batch, dict[str, float]]:
+        """The authors' batches: prompts_per_step prompts a generation batch from one shuffled
+        stream, labeled groups without signal dropped, whole batches drawn again until
+        prompts_per_step groups are kept, then cut to that many, in stream order."""
+        cfg, n, want = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
+        source = self.method.unlabeled
+        stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
+        problems, groups, grades_all, self_reward, right, rolled = [], [], [], [], 0, 0
+        while len(problems) < want:
+            if stats["gen_batches"] == cfg.algorithm.max_gen_batches:
+                raise RefillError(f"algorithm.max_gen_batches: {cfg.algorithm.max_gen_batches} generation batches kept "
+                                  f"{len(problems)} of train.prompts_per_step={want} prompts (labeled groups whose "
+                                  f"rollouts all agree are dropped); raise it, or use train.mixing=fixed")
+            drawn = self.stream.take(want)
+            rollouts, grades = self._roll(drawn, n)
+            stats["gen_batches"] += 1
+            scores = source.self_score(grades, n) if source and source.self_score else torch.zeros(len(grades))
+            for i, p in enumerate(drawn):
+                group = grades[i * n:(i + 1) * n]
+                if p.is_labeled:
+                    right, rolled = right + sum(g.correct for g in group), rolled + n
+                    if cfg.algorithm.filter_groups and not rewards.group_varies(group):
+                        stats["dropped_groups"] += 1
+                        continue
+                problems.append(p)
+                groups.append(rollouts.select(torch.arange(i * n, (i + 1) * n)))
+                grades_all += group
+                self_reward.append(scores[i * n:(i + 1) * n])
+        if rolled:
+            stats["labeled_acc"] = right / rolled
+        batch = Batch(problems[:want], Rollouts.concat(groups[:want], self.models.tokenizer.pad_token_id),
+                      grades_all[:want * n], torch.cat(self_reward[:want]), n)
         return batch, stats
 
     # -- 3-7: one EM step --------------------------------------------------------------
@@ -229,7 +271,7 @@ class EMTrainer:
             stats["critic_brier_labeled_batch"] = batch_brier
             if self.e_step_due(batch_brier):
                 tokens.extras = {"old_values": values, "returns": reward}
-                stats.update(self.e_step(tokens.select(labeled.nonzero().squeeze(-1))))
+                stats.update(self.e_step(tokens, labeled))
                 self._account("critic", stats["critic/nonfinite"] > 0)
                 self.recalibrations += 1
         stats["recalibrations"] = float(self.recalibrations)
@@ -286,17 +328,26 @@ class EMTrainer:
         return self.method.recalibrate(self.step, batch_brier, self.schedule_state, a.recalibrate_every,
                                        a.adaptive_brier)
 
-    def e_step(self, tokens: TokenBatch) -> dict[str, float]:
-        """Critic recalibration: value regression on the labeled rows toward R ∈ {+1, −1}."""
+    def e_step(self, tokens: TokenBatch, labeled: torch.Tensor) -> dict[str, float]:
+        """Critic recalibration: value regression on the labeled rows toward R ∈ {+1, −1}
+        (`algorithm.e_step_rows` says how they are batched)."""
         clip, agg = self.cfg.algorithm.cliprange_value, self.cfg.algorithm.loss_agg
+        masked = self.cfg.algorithm.e_step_rows == "masked"
+        if masked:
+            tokens.extras["labeled"] = labeled
+        else:
+            tokens = tokens.select(labeled.nonzero().squeeze(-1))
 
         def loss_fn(out, mb):
-            loss, stats = algorithm.value_loss(out["values"], mb.extras["old_values"], mb.extras["returns"],
-                                               mb.response_mask, clip, agg)
+            keep = mb.extras["labeled"] if masked else slice(None)
+            if masked and not keep.any():  # its weight is its rows' share, its loss nothing
+                return out["values"].sum() * 0.0, {"value_loss": 0.0, "vf_clipfrac": 0.0}
+            loss, stats = algorithm.value_loss(out["values"][keep], mb.extras["old_values"][keep],
+                                               mb.extras["returns"][keep], mb.response_mask[keep], clip, agg)
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
         with phase("E-step"):
-            stats = self._optimise(self.critic, tokens, loss_fn, agg)
+            stats = self._optimise(self.critic, tokens, loss_fn, None if masked else agg, shuffle=not masked)
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
@@ -317,13 +368,15 @@ class EMTrainer:
             stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)
         return {f"actor/{k}": v for k, v in stats.items()}
 
-    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str) -> dict[str, float]:
-        """`train.update_epochs` passes, each one optimiser step per shuffled mini-batch. Each row
-        carries its `share` of the mini-batch loss (its tokens' share for token means, 1/rows
-        for sequence means), so micro-batch losses add up to the mini-batch loss."""
+    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str | None,
+                  shuffle: bool = True) -> dict[str, float]:
+        """`train.update_epochs` passes, each one optimiser step per mini-batch (shuffled, or
+        contiguous). Each row carries its `share` of the mini-batch loss (its tokens' share for
+        token means, 1/rows for sequence means or an `agg` of None), so micro-batch losses add
+        up to the mini-batch loss."""
         t = self.cfg.train
         size = -(-len(tokens) // min(t.mini_batches, len(tokens)))  # `mini_batches` near-equal parts
-        minis = list(self._mini_batches(tokens, t.update_epochs, size, agg))
+        minis = list(self._mini_batches(tokens, t.update_epochs, size, agg, shuffle))
         totals: dict[str, float] = {}
         for mini in minis:
             out = model.train_step(mini.split(t.micro_batch_size), loss_fn)
@@ -331,27 +384,34 @@ class EMTrainer:
                 totals[k] = totals.get(k, 0.0) + v / len(minis)
         return totals
 
-    def _mini_batches(self, tokens: TokenBatch, epochs: int, size: int, agg: str):
-        """`epochs` shuffled passes over `tokens` in mini-batches of `size` rows, each row
-        carrying its loss share."""
+    def _mini_batches(self, tokens: TokenBatch, epochs: int, size: int, agg: str | None, shuffle: bool = True):
+        """`epochs` passes over `tokens` (shuffled, or in order) in mini-batches of `size` rows,
+        each row carrying its loss share."""
         for _ in range(epochs):
-            for rows in torch.randperm(len(tokens), generator=self.shuffle).split(size):
+            order = torch.randperm(len(tokens), generator=self.shuffle) if shuffle else torch.arange(len(tokens))
+            for rows in order.split(size):
                 # In row order, a group's samples share micro-batches (and their prompt's forward).
                 mini = tokens.select(rows.sort().values)
-                mini.extras["share"] = algorithm.loss_shares(mini.response_mask, agg)
+                mini.extras["share"] = (algorithm.loss_shares(mini.response_mask, agg) if agg
+                                        else torch.full((len(mini),), 1.0 / len(mini)))
                 yield mini
 
-    def fit_critic(self, problems: list[Problem], epochs: int, batch_rows: int, validation: int = 0) -> dict[str, float]:
-        """Stage 1's critic training: roll out `problems` once, then regress the critic's values
-        toward the verified outcome R ∈ {+1, −1} (no clip: no old critic to stay near), pass
-        after pass over the same rows (rolling out once is what makes it cheap). The last
-        `validation` problems are held out of the fit: it stops after the first pass that does
-        not lower their value loss by 0.5%, or after `epochs` passes."""
-        rollouts, grades = self._roll(problems, self.cfg.rollout.n)
+    def fit_critic(self, problems: list[Problem], s: Stage1Config) -> dict[str, float]:
+        """Stage 1's critic training: roll out `problems` once (`s.critic_samples` responses
+        each), then regress the critic's values toward the verified outcome R ∈ {+1, −1} (no
+        clip: no old critic to stay near), pass after pass over the same rows (rolling out once
+        is what makes it cheap), in mini-batches of `s.critic_batch` rows. The last
+        `s.critic_validation` problems are held out of the fit: it stops after the first pass
+        that does not lower their value loss by 0.5% or that brings their AUROC to
+        `s.critic_target_auroc`, or after `s.critic_epochs` passes. With `s.critic_decay` the
+        learning rate falls linearly to zero over those passes."""
+        epochs, batch_rows, validation = s.critic_epochs, s.critic_batch, s.critic_validation
+        n = s.critic_samples or self.cfg.rollout.n
+        rollouts, grades = self._roll(problems, n)
         tokens = rollouts.token_batch()
         returns = torch.tensor([1.0 if g.correct else -1.0 for g in grades])
         tokens.extras = {"old_values": torch.zeros_like(tokens.response_mask), "returns": returns}
-        held = min(validation, len(problems) - 1) * self.cfg.rollout.n
+        held = min(validation, len(problems) - 1) * n
         fit, val = tokens.select(slice(0, len(tokens) - held)), tokens.select(slice(len(tokens) - held, len(tokens)))
         agg, micro = self.cfg.algorithm.loss_agg, self.cfg.train.micro_batch_size
 
@@ -372,7 +432,8 @@ class EMTrainer:
         for epoch in range(1, epochs + 1):
             losses = []
             for mini in self._mini_batches(fit, 1, batch_rows, agg):
-                losses.append(self.critic.train_step(mini.split(micro), loss_fn)["value_loss"])
+                scale = 1.0 - ((epoch - 1) * steps + len(losses)) / (epochs * steps) if s.critic_decay else 1.0
+                losses.append(self.critic.train_step(mini.split(micro), loss_fn, scale)["value_loss"])
                 if time.perf_counter() - shown > 30:  # a pass takes minutes on a CPU
                     shown = time.perf_counter()
                     log.info("stage 1 critic pass %d: %d of %d updates, value loss %.4f, %.0fs", epoch, len(losses),
@@ -383,7 +444,7 @@ class EMTrainer:
                 out["validation_loss"], out["validation_auroc"] = validate()
                 line += f", held-out pool questions: value loss {out['validation_loss']:.4f}, AUROC {out['validation_auroc']:.3f}"
             log.info("%s, %.0fs", line, time.perf_counter() - started)
-            if held and out["validation_loss"] > best * 0.995:
+            if held and (out["validation_loss"] > best * 0.995 or out["validation_auroc"] >= s.critic_target_auroc):
                 break
             best = min(best, out.get("validation_loss", best))
         return out

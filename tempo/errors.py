@@ -23,3 +23,7 @@ class ResumeError(TempoError):
 
 class ConvergenceError(TempoError):
     """A build step (base model, verifier, stage 1) reached its step cap before its criterion."""
+
+
+class RefillError(TempoError):
+    """Groups dropped for lack of signal could not be replaced within algorithm.max_gen_batches."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tempo.config import Config
 from tempo.errors import ConfigError
+from tempo.methods import METHODS
 
 GIB = 1 << 30
 RESERVE = 0.05  # of each GPU, never planned for
@@ -157,14 +158,14 @@ def plan(cfg: Config, world: int, gpu_gb: float) -> Plan:
         raise ConfigError(f"world size {world} is not a multiple of model.tensor_parallel × model.pipeline_parallel "
                           f"= {m.tensor_parallel * m.pipeline_parallel}")
     policy = arch_of(m.policy_path)
-    critic = arch_of(m.critic_path) if m.critic_path else policy
     weight_bytes = 4 if m.dtype == "float32" else 2
-    rows = [(f"policy weights + grads + AdamW ({policy.params('policy') / 1e9:.2f}B params)",
-             _states_per_gpu(policy, "policy", cfg, world, weight_bytes)),
-            (f"critic weights + grads + AdamW ({critic.params('critic') / 1e9:.2f}B params)",
-             _states_per_gpu(critic, "critic", cfg, world, weight_bytes))]
-    states = rows[0][1] + rows[1][1]
-    acts, notes = zip(*(_activations(x, cfg, weight_bytes) for x in (policy, critic)))
+    models = [(policy, "policy")]
+    if METHODS[cfg.algorithm.method].uses_critic:  # TTRL, EMPO and GRPO build none
+        models.append((arch_of(m.critic_path) if m.critic_path else policy, "critic"))
+    rows = [(f"{kind} weights + grads + AdamW ({a.params(kind) / 1e9:.2f}B params)",
+             _states_per_gpu(a, kind, cfg, world, weight_bytes)) for a, kind in models]
+    states = sum(size for _, size in rows)
+    acts, notes = zip(*(_activations(a, cfg, weight_bytes) for a, _ in models))
     act = max(acts)
     rows.append((f"activations, one micro-batch of {cfg.train.micro_batch_size} × "
                  f"{r.max_prompt_tokens + r.max_new_tokens} tokens ({m.recompute} recompute"

@@ -1,8 +1,8 @@
 """Reward sources and group statistics over rolled-out answers.
 
 Labeled rows are verified against their answers. Unlabeled rows get a pseudo-reward:
-the critic's last-token value (TEMPO), agreement with the majority answer (TTRL) or the
-size of the response's semantic answer cluster (EMPO). Hidden answers of unlabeled rows
+the critic's last-token value (TEMPO), membership of a most-voted semantic answer cluster
+(TTRL) or the size of the response's cluster (EMPO). Hidden answers of unlabeled rows
 are graded too, but only to monitor how far each pseudo-reward drifts from the truth.
 """
 from __future__ import annotations
@@ -39,23 +39,31 @@ def _offsets(rows: int, n: int) -> torch.Tensor:
     return torch.arange(0, rows + 1, n, dtype=torch.long)
 
 
-def majority_reward(grades: list[Grade], n: int) -> torch.Tensor:
-    """TTRL: 1 when the response's answer agrees with its group's majority answer, else 0."""
-    answers = [g.extracted for g in grades]
-    return vote.aggregate(vote.hash_answers(answers), _offsets(len(answers), n)).agreement.float()
-
-
 def cluster_ids(answers: list[str | None], n: int) -> torch.Tensor:
     """Per-group semantic classes: equal canonical forms first, then the grader's check."""
     hashes = vote.hash_answers(answers)
     return vote.merge_equivalent(answers, hashes, _offsets(len(answers), n), is_equivalent)
 
 
-def cluster_reward(grades: list[Grade], n: int) -> torch.Tensor:
-    """EMPO: the share of the group in the response's semantic cluster (0 without an answer)."""
+def cluster_shares(grades: list[Grade], n: int) -> torch.Tensor:
+    """The share of its group in each response's semantic answer cluster; a response without
+    an answer is a cluster of its own (1/n), as in the authors' code."""
     ids = cluster_ids([g.extracted for g in grades], n).view(-1, n)
-    share = (ids[:, :, None] == ids[:, None, :]).float().mean(-1)
-    return (share * (ids != 0)).flatten()
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids != 0)[:, :, None]
+    same |= torch.eye(n, dtype=torch.bool)
+    return same.float().mean(-1).flatten()
+
+
+def majority_reward(grades: list[Grade], n: int) -> torch.Tensor:
+    """TTRL as the authors compute it: 1 for every response in a cluster tied for the most
+    votes, else 0."""
+    share = cluster_shares(grades, n).view(-1, n)
+    return (share == share.max(-1, keepdim=True).values).float().flatten()
+
+
+def cluster_reward(grades: list[Grade], n: int) -> torch.Tensor:
+    """EMPO: the share of the group in the response's semantic cluster (1/n without an answer)."""
+    return cluster_shares(grades, n)
 
 
 def group_metrics(grades: list[Grade], k: int, pass_k: int) -> dict[str, float]:

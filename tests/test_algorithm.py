@@ -101,17 +101,23 @@ def test_no_answer_is_wrong_and_counted():
 
 def test_majority_and_cluster_rewards():
     grades = [Grade(a, False) for a in ["2", "2", "3", None, "\\frac{1}{2}", "0.5", "7", None]]
-    maj = rewards.majority_reward(grades, 4)
-    # Group 2 ties 1:1:1 between three canonical forms: the earliest first occurrence wins.
-    assert maj.tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
+    # 1/2 and 0.5 are one semantic cluster of 2: the most voted, though written two ways.
+    assert rewards.majority_reward(grades, 4).tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+    # A response without an answer is a cluster of its own (1/n), as in the authors' code.
     cluster = rewards.cluster_reward(grades, 4)
-    torch.testing.assert_close(cluster, torch.tensor([0.5, 0.5, 0.25, 0.0, 0.5, 0.5, 0.25, 0.0]))
+    torch.testing.assert_close(cluster, torch.tensor([0.5, 0.5, 0.25, 0.25, 0.5, 0.5, 0.25, 0.25]))
 
 
-def test_unparseable_groups_reward_nothing():
-    grades = [Grade(None, False)] * 4
-    assert rewards.majority_reward(grades, 4).tolist() == [0, 0, 0, 0]
-    assert rewards.cluster_reward(grades, 4).tolist() == [0, 0, 0, 0]
+def test_ttrl_rewards_every_cluster_tied_for_the_most_votes():
+    grades = [Grade(a, False) for a in ["2", "3", "2", "3", "2", "3", "5", None]]
+    assert rewards.majority_reward(grades[:4], 4).tolist() == [1, 1, 1, 1]
+    assert rewards.majority_reward(grades[4:], 4).tolist() == [1, 1, 1, 1]  # all singletons: all tied
+
+
+def test_unparseable_groups_give_every_response_the_same_reward():
+    grades = [Grade(None, False)] * 4  # four clusters of one: a zero advantage for every response
+    assert rewards.majority_reward(grades, 4).tolist() == [1, 1, 1, 1]
+    assert rewards.cluster_reward(grades, 4).tolist() == [0.25] * 4
     m = rewards.group_metrics(grades, k=4, pass_k=2)
     assert m["maj@k"] == 0.0 and m["distinct_answers"] == 0.0 and m["answer_entropy"] == 0.0
 

@@ -1,5 +1,6 @@
 """The EM loop's behaviour, with assertions that a wrong loop would fail: value/token
 alignment, the E-step, loss shares, GSPO's clips, TTRL's voters, drift, stage 1's cache."""
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from tempo.base_model import base_model_dir
 from tempo.build import build_models, build_splits
 from tempo.algorithm import loss_shares
 from tempo.em import EMTrainer
+from tempo.errors import RefillError
 from tempo.grading import Grade
 from tempo.methods import METHODS
 from tempo.models.base import TokenBatch
@@ -89,9 +91,40 @@ def test_e_step_lowers_the_value_loss_on_labeled_rows(tmp_path, micro_model):
     trainer = trainer_for(tmp_path, micro_model, "train.critic_lr=0.01", "train.mini_batches=2", "train.update_epochs=2")
     tokens = labeled_batch(trainer, lambda b: torch.where(torch.arange(b) % 2 == 0, 1.0, -1.0))
     before = value_loss_of(trainer, tokens)
-    stats = trainer.e_step(tokens)
+    stats = trainer.e_step(tokens, torch.ones(len(tokens), dtype=torch.bool))
     assert value_loss_of(trainer, tokens) < before
     assert stats["critic/grad_norm"] > 0
+
+
+def test_masked_e_step_is_the_hand_computed_update(tmp_path, micro_model):
+    # The authors' E-step: the whole batch in order, each micro-batch's loss over its labeled
+    # rows weighted by its rows' share of the mini-batch (3/8, 3/8, 2/8 here; the middle one has none).
+    trainer = trainer_for(tmp_path, micro_model, "algorithm.e_step_rows=masked", "train.mini_batches=1",
+                          "train.micro_batch_size=3", "train.grad_clip=1e9", "train.critic_lr=0.01")
+    tokens = labeled_batch(trainer, lambda b: torch.where(torch.arange(b) % 3 == 0, 1.0, -1.0))
+    labeled = torch.tensor([1, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    by_hand = copy.deepcopy(trainer.critic)
+    trainer.e_step(tokens, labeled)
+    a = trainer.cfg.algorithm
+    total = 0.0
+    for start in range(0, len(tokens), 3):
+        mb, keep = tokens.select(slice(start, start + 3)), labeled[start:start + 3]
+        if keep.any():
+            loss, _ = algorithm.value_loss(by_hand.forward(mb)["values"][keep], mb.extras["old_values"][keep],
+                                           mb.extras["returns"][keep], mb.response_mask[keep], a.cliprange_value, a.loss_agg)
+            total = total + loss * len(mb) / len(tokens)
+    by_hand.module.zero_grad()
+    total.backward()
+    for (name, p), q in zip(trainer.critic.module.named_parameters(), by_hand.module.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_masked_e_step_steps_the_optimiser_on_a_mini_batch_without_labeled_rows(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "algorithm.e_step_rows=masked", "train.mini_batches=2")
+    tokens = labeled_batch(trainer, lambda b: torch.ones(b))
+    stats = trainer.e_step(tokens, torch.arange(len(tokens)) < 2)  # the second mini-batch has none
+    steps = {int(state["step"]) for state in trainer.critic.optimizer.state.values()}
+    assert steps == {2} and stats["critic/value_loss"] > 0
 
 
 def test_unlabeled_only_batch_never_touches_the_critic(tmp_path, micro_model):
@@ -202,6 +235,36 @@ def test_dropped_labeled_groups_are_refilled_in_later_calls(tmp_path, micro_mode
         assert labeled == 2
 
 
+def record_draws(trainer) -> list[list]:
+    """The prompts of every draw from the flagged stream, in order."""
+    draws, real = [], trainer.stream.take
+    trainer.stream.take = lambda k: draws.append(real(k)) or draws[-1]
+    return draws
+
+
+def test_flagged_mixing_refills_by_whole_batches_and_cuts_to_the_batch_size(tmp_path, micro_model):
+    # The micro model is never right: every labeled group lacks signal and is dropped.
+    trainer = trainer_for(tmp_path, micro_model, "train.mixing=flagged", "train.prompts_per_step=4",
+                          "algorithm.filter_groups=true", "algorithm.max_gen_batches=8")
+    draws = record_draws(trainer)
+    batch, stats = trainer.collect()
+    assert all(len(d) == 4 for d in draws) and stats["gen_batches"] == len(draws)
+    drawn = [p for d in draws for p in d]
+    kept = [p for p in drawn if not p.is_labeled]
+    assert len(kept) >= 4 and len([p for p in draws[-1] if not p.is_labeled]) > 0  # the last draw completed it
+    assert [p.id for p in batch.problems] == [p.id for p in kept[:4]]  # stream order, cut to the batch size
+    assert stats["dropped_groups"] == len(drawn) - len(kept) and stats["labeled_acc"] == 0.0
+    assert len(batch.grades) == len(batch.self_reward) == 4 * trainer.cfg.rollout.n
+
+
+def test_flagged_mixing_stops_with_one_line_when_the_refills_run_out(tmp_path, micro_model):
+    trainer = trainer_for(tmp_path, micro_model, "train.mixing=flagged", "train.prompts_per_step=4",
+                          "task.num_unlabeled=1", "algorithm.filter_groups=true", "algorithm.max_gen_batches=2")
+    with pytest.raises(RefillError, match=r"algorithm.max_gen_batches: 2 generation batches kept [0-2] of "
+                                          r"train.prompts_per_step=4 prompts"):
+        trainer.collect()
+
+
 def test_drift_stats_by_hand():
     grades = [Grade("1", True), Grade("2", False), Grade("1", True), Grade("3", False)]
     pseudo = torch.tensor([0.6, 0.4, -0.2, -0.9])
@@ -220,7 +283,8 @@ def test_drift_stats_by_hand():
 # -- stage 1's cache --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
-                                      "stage1.critic_epochs=9", "train.critic_weight_decay=0.2",
+                                      "stage1.critic_epochs=9", "stage1.critic_samples=3", "stage1.critic_decay=false",
+                                      "stage1.critic_target_auroc=0.9", "train.critic_weight_decay=0.2",
                                       "base_model.hidden_size=32", "model.critic_path=/elsewhere", "train.seed=3"])
 def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     from tempo.config import load_config

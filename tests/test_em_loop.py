@@ -226,6 +226,22 @@ def test_stage1_critic_stops_on_its_held_out_questions_and_reports_it(tmp_path, 
     assert "validation_auroc" in fit and fit["validation_loss"] > 0  # (AUROC NaN: the micro model is never right)
 
 
+def test_stage1_critic_stops_when_its_held_out_auroc_reaches_the_target(tmp_path, boxed_writer):
+    # The writer answers a random digit, right about 1 time in 7: the AUROC is a number.
+    def fit(target):
+        cfg = micro_config(tmp_path / str(target), boxed_writer, "train.steps=0", "task.num_stage1=40",
+                           "task.modulus=7", "stage1.steps=0", "stage1.critic_epochs=3", "stage1.critic_samples=3",
+                           "stage1.critic_validation=24", "stage1.critic_batch=8", "stage1.critic_decay=true",
+                           f"stage1.critic_target_auroc={target}")
+        train(cfg)
+        (built,) = (tmp_path / str(target) / "cache").glob("stage1-*/build.json")
+        return json.loads(built.read_text())
+
+    reached = fit(0.0)  # any AUROC reaches 0
+    assert reached["epochs"] == 1 and reached["validation_auroc"] >= 0.0
+    assert reached["rows"] == (40 - 24) * 3  # stage1.critic_samples responses a question, not rollout.n
+
+
 def test_regime_check_reads_the_held_out_slice():
     from tempo.report import regime
 

@@ -73,6 +73,14 @@ def test_the_h100_configs_fit_their_layouts():
         plan(qwen, 8, 80)
 
 
+def test_methods_without_a_critic_plan_none():
+    tempo = plan(load_config("configs/olmo3_7b_h100.yaml", []), 8, 80)
+    empo = plan(load_config("configs/olmo3_7b_h100.yaml", ["algorithm.method=empo"]), 8, 80)
+    assert [label.split()[0] for label, _ in tempo.rows[:2]] == ["policy", "critic"]
+    assert not any(label.startswith("critic") for label, _ in empo.rows)
+    assert empo.rows[0] == tempo.rows[0] and empo.training < tempo.training
+
+
 def test_plan_command_refuses_a_layout_that_does_not_fit(capsys):
     assert main(["plan", "--config", "configs/qwen3_14b_h100.yaml", "--world-size", "16"]) == 0
     assert "rollout peak" in capsys.readouterr().out
@@ -85,3 +93,13 @@ def test_plan_command_refuses_a_layout_that_does_not_fit(capsys):
 def test_unknown_model_without_a_checkpoint_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         arch_of(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("name", ["tempo_olmo3_7b_aime", "tempo_qwen3_8b_aime", "tempo_qwen3_14b_aime",
+                                  "empo_olmo3_7b", "empo_qwen3_8b"])
+def test_paper_configs_validate_and_batch_as_the_authors(name):
+    cfg = load_config(f"configs/paper/{name}.yaml", [])
+    assert cfg.train.mixing == "flagged"
+    assert cfg.algorithm.e_step_rows == ("masked" if name.startswith("tempo") else "labeled")
+    assert cfg.algorithm.method == {"tempo_qwen3_14b_aime": "tempo"}.get(name, "empo" if name.startswith("empo")
+                                                                          else "tempo-fixed-critic")
