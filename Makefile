@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny_cpu.yaml
 
-.PHONY: install run test test-all bench compare clean
+.PHONY: install run test test-all bench compare scaling clean
 
 $(STAMP): requirements-cpu.txt setup.py $(wildcard csrc/*)
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,rlvr,ttrl,empo --seeds 0,1,2 \
 		--out benchmarks/results/compare_tiny_cpu run.save_checkpoints=false run.tensorboard=false run.progress=false
+
+# The title claim in miniature: 4x the default steps, evaluated at 1x, 2x and 4x.
+scaling: $(STAMP)
+	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,m-step-only,ttrl,empo,rlvr \
+		--seeds 0,1,2 --at 40,80,160 --out benchmarks/results/scaling_tiny_cpu train.steps=160 eval.every=40 \
+		run.save_checkpoints=false run.tensorboard=false run.progress=false
 
 clean:
 	rm -rf $(VENV) build *.egg-info tempo/*.so .cache runs

@@ -89,7 +89,7 @@ def run_ours(model: str, method: str, dtype: str) -> tuple[list[float], dict[str
     d_l, d_u = prompts()
     m = METHODS[method]
     models = build_models(cfg, model, None, need_critic=m.uses_critic)
-    trainer = EMTrainer(cfg, m, models, TaskSplits(labeled=d_l, unlabeled=d_u, heldout=[], stage1=[]))
+    trainer = EMTrainer(cfg, models, TaskSplits(labeled=d_l, unlabeled=d_u, heldout=[], stage1=[]))
     phases: dict[str, float] = {}
     clock(phases, models.engine, "generate", "rollout")
     clock(phases, models.engine, "sync_weights", "sync")

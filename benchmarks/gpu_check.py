@@ -112,7 +112,6 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
 
     from tempo.build import build_models, build_splits
     from tempo.em import EMTrainer
-    from tempo.methods import METHODS
     from tempo.profiling import ProfileWindow
 
     prompts, _, n, tokens, _, steps = SMOKE_RUN if smoke else GPU_RUN
@@ -120,7 +119,7 @@ def em_steps(model: Path, backend: str, smoke: bool, profile: bool, out: Path) -
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
     models = build_models(cfg, str(model), None, need_critic=True)
-    trainer = EMTrainer(cfg, METHODS["tempo"], models, build_splits(cfg))
+    trainer = EMTrainer(cfg, models, build_splits(cfg))
     build_s = time.perf_counter() - started
     phases: dict[str, float] = {}
     tokens_run: dict[str, float] = {}
@@ -229,12 +228,12 @@ def vllm_parity(model: Path, smoke: bool) -> dict:
 
     from tempo.build import build_models, build_splits
     from tempo.em import EMTrainer
-    from tempo.methods import METHODS
 
     cfg = run_config(model, "hf", smoke)
     cfg.rollout.engine = "vllm"
+    cfg.algorithm.method = "ttrl"
     models = build_models(cfg, str(model), None, need_critic=False)
-    trainer = EMTrainer(cfg, METHODS["ttrl"], models, build_splits(cfg))
+    trainer = EMTrainer(cfg, models, build_splits(cfg))
     prompts = models.prompt_texts(trainer.unlabeled.take(cfg.train.prompts_per_step), cfg.data.template)
     start = time.perf_counter()
     rollouts = models.engine.generate(prompts, cfg.rollout.n)

@@ -70,6 +70,7 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     from tempo.models.hf import load_policy_module
 
     dtype, t, share = DTYPES[cfg.model.dtype], cfg.train, cfg.model.share_prompts
+    fsdp = cfg.model.backend == "hf" and (launched_world_size() > 1 or cfg.model.cpu_offload)
     critic_source = critic_path or policy_path
     new_head = need_critic and not has_value_head(critic_source)
     if cfg.model.backend == "megatron":
@@ -77,7 +78,8 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
 
         init_parallel_for([path for path in given.values() if path], cfg.model.tensor_parallel,
                           cfg.model.pipeline_parallel, t.seed)
-        layout = dict(dtype=dtype, sequence_parallel=cfg.model.sequence_parallel, recompute=cfg.model.recompute)
+        layout = dict(dtype=dtype, sequence_parallel=cfg.model.sequence_parallel, recompute=cfg.model.recompute,
+                      cpu_offload=cfg.model.cpu_offload)
         policy = load_model(policy_path, "policy", optim=t.optim("policy"), temperature=cfg.rollout.temperature,
                             **layout)
         critic = load_model(critic_source, "critic", init_from_policy=new_head, optim=t.optim("critic"),
@@ -85,12 +87,11 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     else:
         from tempo.models.hf import HFModel, load_critic_module
 
-        data_parallel = launched_world_size() > 1  # torchrun: FSDP2 over every rank
-        if data_parallel:
+        if fsdp:  # FSDP2 over every rank
             init_process_group()
         # Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype.
-        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=data_parallel,
-                       compute_dtype=dtype)
+        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=fsdp,
+                       compute_dtype=dtype, cpu_offload=cfg.model.cpu_offload)
         attn = cfg.model.attn_implementation
         policy = HFModel(load_policy_module(policy_path, torch.float32, attn), "policy", t.optim("policy"),
                          temperature=cfg.rollout.temperature, **options)
@@ -109,10 +110,10 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         from tempo.rollout.hf import HFRolloutEngine
 
         # One HF process generates with the policy's own module (weight sync is free); Megatron's
-        # and FSDP2's shards cannot generate, so each rank samples with a full copy, refreshed from
+        # and FSDP2's shards (offloaded ones too) cannot generate, so each rank samples with a full copy, refreshed from
         # export_weights(): every rank is an engine of its own.
         replicas = 1
-        own = cfg.model.backend == "hf" and launched_world_size() == 1
+        own = cfg.model.backend == "hf" and not fsdp
         sampler = policy.module if own else load_policy_module(policy_path, dtype).to(device())
         engine = HFRolloutEngine(cfg.rollout, sampler, tokenizer, share_prompts=share, compute_dtype=dtype)
     if cfg.rollout.split_over_ranks and launched_world_size() // replicas > 1:  # each engine samples a slice

@@ -45,15 +45,16 @@ def cmd_eval(args) -> None:
 def cmd_compare(args) -> None:
     from tempo.compare import compare
 
-    compare(_load(args), args.methods.split(","), args.out, [int(s) for s in args.seeds.split(",")])
+    compare(_load(args), args.methods.split(","), args.out, [int(s) for s in args.seeds.split(",")],
+            [int(s) for s in args.at.split(",")] if args.at else None)
 
 
 def cmd_config(args) -> None:
     from tempo.config import describe_keys, save_config
 
     if args.keys:
-        for key, typ, default in describe_keys():
-            print(f"{key:36s} {typ:10s} {default!r}")
+        for key, typ, default, help in describe_keys():
+            print(f"{key:36s} {typ:15s} {default!r:22s} {help}")
         return
     save_config(_load(args), "/dev/stdout")
 
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods (default: %(default)s)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated train.seed values (default: %(default)s)")
+    p.add_argument("--at", default="", help="comma-separated steps to tabulate, each one the runs evaluate "
+                                            "(default: the final step)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plan", help="per-GPU memory of a config's layout; exit 2 when it does not fit",

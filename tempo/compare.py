@@ -1,8 +1,9 @@
 """`tempo compare`: several methods from one base model and budget, over seeds, side by side.
 
-Every figure is the **final** step's (picking the best step by D_U's hidden answers would be
-oracle selection), as mean ± std over the seeds; the seeds vary the EM loop's sampling and
-shuffles, while stage 1 (cached) is shared.
+Every figure is the **final** step's, or that of fixed steps named before the run (`--at`, for
+a run's course: 1×, 2×, 4× a budget); never a step picked by D_U's hidden answers, which
+would be oracle selection. Figures are mean ± std over the seeds; the seeds vary the EM loop's
+sampling and shuffles, while stage 1 (cached) is shared.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from tempo.config import Config, save_config, validate
+from tempo.errors import ConfigError
 from tempo.logger import read_metrics
 from tempo.report import evals, plot_curves
 from tempo.train import train
@@ -22,9 +24,9 @@ KEYS = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_unlabeled
 DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct")
 
 
-def _drift(run_dir: Path, last: int = 5) -> dict:
-    """Drift monitor averaged over the last `last` training steps (missing values skipped)."""
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "train"][-last:]
+def _drift(run_dir: Path, step: int, last: int = 5) -> dict:
+    """Drift monitor averaged over the `last` training steps up to `step` (missing values skipped)."""
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "train" and r["step"] <= step][-last:]
     out = {}
     for key in DRIFT:
         vals = [r[key] for r in rows if r.get(key) is not None]
@@ -48,14 +50,21 @@ def table(named: dict[str, list[dict]], keys) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: Config, methods: list[str], out: str, seeds: list[int]) -> str:
+def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: list[int] | None = None) -> str:
+    """Each method for each seed from the same config; tables at the final step (or at each
+    step of `at`, which every run must evaluate) and the curves, mean ± std over the seeds."""
+    at = at or [cfg.train.steps]
+    if any(step % cfg.eval.every and step != cfg.train.steps or step > cfg.train.steps for step in at):
+        raise ConfigError(f"--at {','.join(map(str, at))}: each step must be one the runs evaluate "
+                          f"(a multiple of eval.every={cfg.eval.every}, at most train.steps={cfg.train.steps})")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    final, base, drift, minutes = {}, [], {}, {}
-    series = {}
+    runs: dict[str, list[Path]] = {}
+    series: dict[str, list[list[dict]]] = {}
+    minutes = {}
     for method in methods:
-        final[method], drift[method] = [], []
+        runs[method], series[method] = [], []
         started = time.time()
         for seed in seeds:
             run_cfg = copy.deepcopy(cfg)
@@ -64,29 +73,31 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int]) -> str:
             run_cfg.run.out_dir = str(out_dir / method / f"seed{seed}")
             validate(run_cfg)
             train(run_cfg)
-            rows = evals(Path(run_cfg.run.out_dir))
-            final[method].append(rows[-1])
-            drift[method].append(_drift(Path(run_cfg.run.out_dir)))
-            if method == methods[0]:
-                base.append(rows[0])
-            series.setdefault(method, rows)  # the first seed's curve
+            runs[method].append(Path(run_cfg.run.out_dir))
+            series[method].append(evals(runs[method][-1]))
         minutes[method] = (time.time() - started) / 60
-    steps = final[methods[0]][0]["step"]
+    base = [rows[0] for rows in series[methods[0]]]
     plot_curves(series, out_dir / "comparison.png", keys=("mean@k", "pass@k", "maj@k", "distinct_answers"))
     command = "tempo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("tempo") else ""
+    sections = []
+    for step in at:
+        final = {m: [next(r for r in rows if r["step"] == step) for rows in series[m]] for m in methods}
+        drift = {m: [_drift(run, step) for run in runs[m]] for m in methods}
+        title = "Final step" if at == [cfg.train.steps] else f"Step {step}"
+        sections += [f"## {title}\n\n" + table({"base (after stage 1)": base, **final}, KEYS),
+                     f"Drift monitor, the 5 training steps up to step {step} (unlabeled rows)\n\n" + table(drift, DRIFT)]
+    which = f"final step {cfg.train.steps}" if at == [cfg.train.steps] else "steps " + ", ".join(map(str, at))
     text = "\n\n".join(filter(None, [
-        f"# Comparison on D_U: {len(methods)} methods × {len(seeds)} seeds (final step {steps}, mean ± std)",
+        f"# Comparison on D_U: {len(methods)} methods × {len(seeds)} seeds ({which}, mean ± std)",
         f"Command: `{command}`" if command else "",
         "Same config and budget for every method; seeds " + ", ".join(map(str, seeds))
         + ": the methods of a seed start from that seed's stage-1 models (each seed draws its own critic, so "
-        "the ± includes the critic's draw). Final step only: no step is chosen by D_U's answers.",
-        "## Final step\n\n" + table({"base (after stage 1)": base, **final}, KEYS),
-        "## Drift monitor (last 5 training steps, unlabeled rows)\n\n"
+        "the ± includes the critic's draw). Fixed steps only: no step is chosen by D_U's answers.",
         "pseudo_acc: share of rows where the pseudo-reward's verdict matches the hidden truth; "
-        "pseudo_corr: their correlation; majority_correct: prompts whose majority answer is right.\n\n"
-        + table(drift, DRIFT),
+        "pseudo_corr: their correlation; majority_correct: prompts whose majority answer is right.",
+        *sections,
         "Wall clock per method, all seeds (minutes): " + ", ".join(f"{m} {v:.1f}" for m, v in minutes.items()),
-        "![curves, first seed](comparison.png)",
+        f"![curves, mean ± std over {len(seeds)} seeds](comparison.png)",
     ]))
     (out_dir / "comparison.md").write_text(text + "\n")
     print(text)

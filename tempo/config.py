@@ -17,126 +17,141 @@ import yaml
 from tempo.errors import ConfigError
 
 
+def key(default: Any, help: str) -> Any:
+    """A config key: its default, and the help that `tempo config --keys` prints."""
+    if isinstance(default, list):  # each config its own list
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TaskConfig:
     """The embedded task: left-to-right chains of modular arithmetic, written out step by step."""
 
-    seed: int = 0
-    modulus: int = 13
-    min_ops: int = 3
-    max_ops: int = 5
-    num_labeled: int = 64  # D_L: the small labeled set the E-step recalibrates on
-    num_unlabeled: int = 256  # D_U: answers hidden from training, used only to score
-    num_heldout: int = 64  # labeled slice never trained on: measures the critic's calibration
-    num_stage1: int = 1024  # stage 1's labeled training set (RLVR before test time), not D_L
+    seed: int = key(0, "draws the questions, their split and the teacher's misconceptions")
+    modulus: int = key(13, "arithmetic modulo this prime: answers are 0 .. modulus-1")
+    min_ops: int = key(3, "fewest operations in a chain")
+    max_ops: int = key(5, "most operations in a chain")
+    num_labeled: int = key(64, "D_L: the small labeled set the E-step recalibrates on")
+    num_unlabeled: int = key(256, "D_U: answers hidden from training, used only to score")
+    num_heldout: int = key(64, "labeled slice never trained on: measures the critic's calibration")
+    num_stage1: int = key(1024, "stage 1's labeled training set (RLVR before test time), not D_L")
     # The teacher whose worked solutions the base policy imitates (tempo.task.Teacher).
-    slip: float = 0.0  # chance a step's result is a random wrong value
-    misconceptions: float = 0.0  # share of the facts `a op b` the teacher believes wrong
-    belief: float = 0.6  # how often the teacher writes its wrong belief about such a fact
+    slip: float = key(0.0, "chance a step's result is a random wrong value")
+    misconceptions: float = key(0.0, "share of the facts `a op b` the teacher believes wrong")
+    belief: float = key(0.6, "how often the teacher writes its wrong belief about such a fact")
 
 
 @dataclass
 class DataConfig:
     """Where problems come from: the embedded task, or files (JSON, JSONL, parquet)."""
 
-    source: str = "embedded"  # embedded | files
-    labeled_files: list[str] = field(default_factory=list)
-    unlabeled_files: list[str] = field(default_factory=list)
-    heldout_files: list[str] = field(default_factory=list)
-    stage1_files: list[str] = field(default_factory=list)  # stage 1's labeled data; empty: D_L
-    labeled_fraction: float = 0.0  # with only unlabeled_files: labeled share drawn from them
-    template: str = "raw"  # raw | plain | chat
-    seed: int = 0
+    source: str = key("embedded", "embedded | files")
+    labeled_files: list[str] = key([], "data.source=files: D_L, the labeled questions (prompt + answer per row)")
+    unlabeled_files: list[str] = key([], "data.source=files: D_U, the test questions; their answers only score")
+    heldout_files: list[str] = key([], "data.source=files: a labeled slice never trained on, to choose settings on")
+    stage1_files: list[str] = key([], "stage 1's labeled data; empty: D_L")
+    labeled_fraction: float = key(0.0, "with only unlabeled_files: labeled share drawn from them")
+    template: str = key("raw", "raw | plain | chat")
+    seed: int = key(0, "draws the labeled share (data.labeled_fraction) from unlabeled_files")
 
 
 @dataclass
 class BaseModelConfig:
     """The embedded base policy: a tiny Qwen3 warm-started by SFT on worked solutions."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    ffn_size: int = 384
-    sft_examples: int = 6000
-    sft_heldout: int = 512  # teacher solutions never trained on: the stopping criterion's measure
-    sft_max_steps: int = 3000  # a cap: SFT stops when the held-out loss is within tolerance of the floor
-    sft_tolerance: float = 0.01  # nats a token above the teacher's floor (tempo.task.teacher_floor)
-    sft_eval_every: int = 50
-    sft_batch_size: int = 64
-    sft_lr: float = 3e-3
-    sft_warmup_steps: int = 100
-    sft_weight_decay: float = 0.1
-    # The embedded critic's trunk: the base policy trained on on right solutions until its
-    # held-out loss on them is under verifier_tolerance (a verifier that knows more than the
-    # policy); verifier_max_steps 0: the policy itself.
-    verifier_max_steps: int = 0
-    verifier_tolerance: float = 0.002
-    verifier_lr: float = 1e-3
-    seed: int = 0
-    cache_dir: str = ".cache/tempo"
+    hidden_size: int = key(128, "the embedded Qwen3's width")
+    num_layers: int = key(4, "its decoder layers")
+    num_heads: int = key(4, "its attention heads")
+    num_kv_heads: int = key(2, "its key/value heads (grouped-query attention)")
+    head_dim: int = key(32, "each head's width")
+    ffn_size: int = key(384, "its MLP's width")
+    sft_examples: int = key(6000, "teacher-solved questions the SFT trains on")
+    sft_heldout: int = key(512, "teacher solutions never trained on: the stopping criterion's measure")
+    sft_max_steps: int = key(3000, "a cap: SFT stops when the held-out loss is within tolerance of the floor")
+    sft_tolerance: float = key(0.01, "nats a token above the teacher's floor (tempo.task.teacher_floor)")
+    sft_eval_every: int = key(50, "SFT steps between checks of the held-out loss")
+    sft_batch_size: int = key(64, "SFT sequences per step")
+    sft_lr: float = key(3e-3, "SFT's AdamW learning rate (constant after warm-up)")
+    sft_warmup_steps: int = key(100, "SFT's linear warm-up")
+    sft_weight_decay: float = key(0.1, "SFT's AdamW weight decay")
+    verifier_max_steps: int = key(0,
+        "The embedded critic's trunk: the base policy trained on right solutions until its held-out loss on them "
+        "is under verifier_tolerance (a verifier that knows more than the policy); verifier_max_steps 0: the policy "
+        "itself.")
+    verifier_tolerance: float = key(0.002,
+        "nats a token: the verifier stops when its held-out loss on right solutions is under this")
+    verifier_lr: float = key(1e-3, "the verifier's AdamW learning rate")
+    seed: int = key(0, "initialises and trains the base model and the verifier")
+    cache_dir: str = key(".cache/tempo",
+        "built base models, verifiers and stage-1 critics, keyed by a hash of their settings")
 
 
 @dataclass
 class ModelConfig:
-    backend: str = "hf"  # hf | megatron
-    policy_path: str = ""  # a Hugging Face checkpoint; empty: the embedded base model
-    critic_path: str = ""  # empty: initialised from the policy
-    dtype: str = "float32"
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    sequence_parallel: bool = False  # megatron, TP > 1: tokens outside attention split over the TP group
-    # Activation recomputation: none | selective (megatron: core attention) | full (every layer;
-    # HF: gradient checkpointing, which turns share_prompts off)
-    recompute: str = "none"
-    kernels: str = "auto"  # auto | triton | torch | reference
-    attn_implementation: str = "sdpa"  # HF backend: sdpa | eager | flash_attention_2 (pip install .[flash])
-    # Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill,
-    # and in the HF backend's forward and backward (exact; Megatron runs every row)
-    share_prompts: bool = True
+    backend: str = key("hf", "hf | megatron")
+    policy_path: str = key("", "a Hugging Face checkpoint; empty: the embedded base model")
+    critic_path: str = key("", "empty: initialised from the policy")
+    dtype: str = key("float32", "compute dtype: float32 | bfloat16 | float16 (fp32 master weights either way)")
+    tensor_parallel: int = key(1, "megatron: TP size")
+    pipeline_parallel: int = key(1, "megatron: PP size (data parallel is what the world size leaves)")
+    sequence_parallel: bool = key(False, "megatron, TP > 1: tokens outside attention split over the TP group")
+    recompute: str = key("none",
+        "Activation recomputation: none | selective (megatron: core attention) | full (every layer; HF: gradient "
+        "checkpointing, which turns share_prompts off)")
+    cpu_offload: bool = key(False,
+        "Model states in host memory (the authors' FSDP offload=True). hf: FSDP2's CPUOffloadPolicy (weights, "
+        "gradients and AdamW state on the CPU, each layer copied in to compute; without torchrun, a one-process "
+        "group); megatron: the fp32 masters and AdamW state on the CPU.")
+    kernels: str = key("auto", "auto | triton | torch | reference")
+    attn_implementation: str = key("sdpa", "HF backend: sdpa | eager | flash_attention_2 (pip install .[flash])")
+    share_prompts: bool = key(True,
+        "Rows that share a prompt (a group's n samples) run it once: in the HF rollout's prefill, and in the HF "
+        "backend's forward and backward (exact; Megatron runs every row)")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
-    n: int = 8  # responses per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks force full length)
-    max_prompt_tokens: int = 1024  # a longer prompt is an error naming it (the memory plan counts on it)
-    # vllm: its share of each GPU (weights + KV cache) while awake, lowered (with a warning) to 95%
-    # of what is free when it starts beside the trainer's models
-    gpu_memory_utilization: float = 0.5
-    # vllm: one seed per request, reproducible but on vLLM's slower per-request sampling path;
-    # off, the engine's seeded generator samples
-    seed_requests: bool = False
-    # under torchrun each data-parallel engine samples its slice of a call's prompts; off, every
-    # rank samples them all, as one process would (the multi-process equivalence tests)
-    split_over_ranks: bool = True
+    engine: str = key("hf", "hf | vllm")
+    n: int = key(8, "responses per prompt")
+    temperature: float = key(1.0, "sampling temperature (the trainer's log-probs use it too)")
+    top_p: float = key(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = key(48, "longest response; a longer one is truncated and counted")
+    min_new_tokens: int = key(0, "EOS suppressed before this many tokens (benchmarks force full length)")
+    max_prompt_tokens: int = key(1024, "a longer prompt is an error naming it (the memory plan counts on it)")
+    gpu_memory_utilization: float = key(0.5,
+        "vllm: its share of each GPU (weights + KV cache) while awake, lowered (with a warning) to 95% of what is "
+        "free when it starts beside the trainer's models")
+    seed_requests: bool = key(False,
+        "vllm: one seed per request, reproducible but on vLLM's slower per-request sampling path; off, the engine's "
+        "seeded generator samples")
+    split_over_ranks: bool = key(True,
+        "under torchrun each data-parallel engine samples its slice of a call's prompts; off, every rank samples "
+        "them all, as one process would (the multi-process equivalence tests)")
 
 
 @dataclass
 class AlgorithmConfig:
-    method: str = "tempo"  # see tempo.methods.METHODS
-    policy_loss: str = "gspo"  # gspo | ppo
-    clip_low: float = 3e-4
-    clip_high: float = 4e-4
-    loss_agg: str = "seq-mean-token-mean"
-    cliprange_value: float = 0.1
-    # The E-step's rows. labeled: mini-batches of the labeled rows, shuffled. masked (the authors'
-    # verl fork): contiguous mini-batches of the whole batch, each micro-batch's loss over its
-    # labeled rows weighted by its rows' share of the mini-batch; one without any still steps AdamW.
-    e_step_rows: str = "labeled"
-    recalibrate_every: int = 1  # E-step period in steps (tempo); 0 never
-    adaptive_brier: float = 0.05  # adaptive: E-step when the labeled batch's Brier rises this much
-    filter_groups: bool = True  # drop labeled groups whose rewards all agree
-    max_gen_batches: int = 4
-    vote_samples: int = 0  # TTRL: samples that vote (0: same as rollout.n)
-    # An engine that reports its sampling log-probs (vLLM): weight each token's policy gradient by
-    # min(π_train / π_engine, tis_cap) (truncated importance sampling); 0 off
-    tis_cap: float = 0.0
+    method: str = key("tempo", "see tempo.methods.METHODS")
+    policy_loss: str = key("gspo", "gspo | ppo")
+    clip_low: float = key(3e-4, "GSPO/PPO ratio clip below 1")
+    clip_high: float = key(4e-4, "GSPO/PPO ratio clip above 1")
+    loss_agg: str = key("seq-mean-token-mean",
+        "token-mean | seq-mean-token-sum | seq-mean-token-mean (policy and value loss)")
+    cliprange_value: float = key(0.1,
+        "value clip: a sequence's mean prediction moves at most this far from the old values")
+    e_step_rows: str = key("labeled",
+        "The E-step's rows. labeled: mini-batches of the labeled rows, shuffled. masked (the authors' verl fork): "
+        "contiguous mini-batches of the whole batch, each micro-batch's loss over its labeled rows weighted by its "
+        "rows' share of the mini-batch; one without any still steps AdamW.")
+    recalibrate_every: int = key(1, "E-step period in steps (tempo); 0 never")
+    adaptive_brier: float = key(0.05, "adaptive: E-step when the labeled batch's Brier rises this much")
+    filter_groups: bool = key(True, "drop labeled groups whose rewards all agree")
+    max_gen_batches: int = key(4, "generate calls a step may make to refill dropped labeled groups")
+    vote_samples: int = key(0, "TTRL: samples that vote (0: same as rollout.n)")
+    tis_cap: float = key(0.0,
+        "An engine that reports its sampling log-probs (vLLM): weight each token's policy gradient by min(π_train / "
+        "π_engine, tis_cap) (truncated importance sampling); 0 off")
 
 
 @dataclass(frozen=True)
@@ -153,27 +168,31 @@ class Optim:
 
 @dataclass
 class TrainConfig:
-    steps: int = 30
-    prompts_per_step: int = 32
-    labeled_per_step: int = 8  # of prompts_per_step, drawn from D_L (train.mixing=fixed)
-    # fixed: labeled_per_step D_L prompts a step, dropped labeled groups refilled with D_L prompts.
-    # flagged (the authors' verl fork): prompts_per_step prompts from one shuffled stream of
-    # D_L and D_U, each flagged; dropped groups refilled by whole batches from the stream, the
-    # kept groups cut to prompts_per_step; an error when algorithm.max_gen_batches runs out.
-    mixing: str = "fixed"
-    mini_batches: int = 2  # optimiser steps per pass over the step's batch, policy and critic
-    update_epochs: int = 1  # passes over the step's batch, policy and critic
-    micro_batch_size: int = 64  # sequences per forward/backward
-    policy_lr: float = 2e-4
-    critic_lr: Optional[float] = None  # None: the policy's; 0 freezes the critic (configs/paper: the authors' choices)
-    weight_decay: float = 0.0  # the policy's
-    critic_weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    lr_warmup_steps: int = 0  # both models' lr rises linearly over this many optimiser steps, then stays
-    max_bad_steps: int = 5  # stop after this many steps in a row skipped a non-finite update (0: never)
-    seed: int = 0
+    steps: int = key(30, "EM steps")
+    prompts_per_step: int = key(32, "prompts a step (labeled and unlabeled), each rolled out rollout.n times")
+    labeled_per_step: int = key(8, "of prompts_per_step, drawn from D_L (train.mixing=fixed)")
+    mixing: str = key("fixed",
+        "fixed: labeled_per_step D_L prompts a step, dropped labeled groups refilled with D_L prompts. flagged (the "
+        "authors' verl fork): prompts_per_step prompts from one shuffled stream of D_L and D_U, each flagged; "
+        "dropped groups refilled by whole batches from the stream, the kept groups cut to prompts_per_step; an "
+        "error when algorithm.max_gen_batches runs out.")
+    mini_batches: int = key(2, "optimiser steps per pass over the step's batch, policy and critic")
+    update_epochs: int = key(1, "passes over the step's batch, policy and critic")
+    shuffle_minibatches: bool = key(True,
+        "true: each pass's mini-batches are drawn from a seeded shuffle of the rows; false (the authors' verl "
+        "fork): contiguous slices of the batch in its order, whole groups together")
+    micro_batch_size: int = key(64, "sequences per forward/backward")
+    policy_lr: float = key(2e-4, "the policy's AdamW learning rate")
+    critic_lr: Optional[float] = key(None,
+        "None: the policy's; 0 freezes the critic (configs/paper: the authors' choices)")
+    weight_decay: float = key(0.0, "the policy's")
+    critic_weight_decay: float = key(0.01, "the critic's AdamW weight decay")
+    betas: list[float] = key([0.9, 0.999], "AdamW betas, both models")
+    adam_eps: float = key(1e-8, "AdamW epsilon, both models")
+    grad_clip: float = key(1.0, "global gradient-norm clip, both models")
+    lr_warmup_steps: int = key(0, "both models' lr rises linearly over this many optimiser steps, then stays")
+    max_bad_steps: int = key(5, "stop after this many steps in a row skipped a non-finite update (0: never)")
+    seed: int = key(0, "the EM loop's sampling and shuffles, and stage 1's critic")
 
     def optim(self, kind: str) -> Optim:
         if kind == "policy":
@@ -189,37 +208,38 @@ class Stage1Config:
     """Before test time (the paper's stage 1): train the critic on labeled rollouts of the base
     policy, then optionally RLVR steps, on stage 1's own labeled data. Cached."""
 
-    critic_epochs: int = 0  # at most this many passes of value regression over one roll-out of the pool
-    critic_prompts: int = 0  # stage-1 prompts rolled out for it (0: all)
-    critic_samples: int = 0  # responses rolled out per prompt (0: rollout.n)
-    # pool questions held out of the fit: it stops after the first pass that does not lower
-    # their value loss by 0.5%, or that brings their AUROC to critic_target_auroc (0: every pass runs)
-    critic_validation: int = 0
-    critic_target_auroc: float = 1.0
-    critic_batch: int = 64  # rows per critic optimiser step
-    critic_lr: float = 1e-3
-    critic_decay: bool = False  # the fit's learning rate falls linearly to zero over critic_epochs passes
-    steps: int = 0  # RLVR steps after the critic's training (policy and critic)
+    critic_epochs: int = key(0, "at most this many passes of value regression over one roll-out of the pool")
+    critic_prompts: int = key(0, "stage-1 prompts rolled out for it (0: all)")
+    critic_samples: int = key(0, "responses rolled out per prompt (0: rollout.n)")
+    critic_validation: int = key(0,
+        "pool questions held out of the fit: it stops after the first pass that brings their AUROC to "
+        "critic_target_auroc, or after two passes in a row that do not lower their value loss by 0.5% (0: every "
+        "pass runs)")
+    critic_target_auroc: float = key(1.0, "the fit stops once the held-out pool questions' AUROC reaches this")
+    critic_batch: int = key(64, "rows per critic optimiser step")
+    critic_lr: float = key(1e-3, "the stage-1 fit's AdamW learning rate")
+    critic_decay: bool = key(False, "the fit's learning rate falls linearly to zero over critic_epochs passes")
+    steps: int = key(0, "RLVR steps after the critic's training (policy and critic)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 5
-    k: int = 8  # samples per D_U prompt: mean@k, maj@k
-    pass_k: int = 4  # pass@pass_k, unbiased estimate from the k samples
-    max_prompts: int = 0  # 0: all of D_U
+    every: int = key(5, "EM steps between evaluations (and at the last step)")
+    k: int = key(8, "samples per D_U prompt: mean@k, maj@k")
+    pass_k: int = key(4, "pass@pass_k, unbiased estimate from the k samples")
+    max_prompts: int = key(0, "0: all of D_U")
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/default"
-    tensorboard: bool = True
-    progress: bool = True
-    save_checkpoints: bool = True
-    checkpoint_every: int = 10  # steps between checkpoints (0: only at the end); the last step always
-    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    resume: str = "never"  # never | auto (newest whole checkpoint, same config) | force (config may differ)
-    profile_steps: str = ""  # A-B: a torch.profiler trace and table; on GPUs also an Nsight capture window
+    out_dir: str = key("runs/default", "the run's directory: config, metrics, checkpoints, report")
+    tensorboard: bool = key(True, "also write TensorBoard event files")
+    progress: bool = key(True, "progress bars on a terminal")
+    save_checkpoints: bool = key(True, "write checkpoints (run.checkpoint_every)")
+    checkpoint_every: int = key(10, "steps between checkpoints (0: only at the end); the last step always")
+    keep_checkpoints: int = key(2, "newest checkpoints kept (0: all)")
+    resume: str = key("never", "never | auto (newest whole checkpoint, same config) | force (config may differ)")
+    profile_steps: str = key("", "A-B: a torch.profiler trace and table; on GPUs also an Nsight capture window")
 
 
 @dataclass
@@ -424,14 +444,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe_keys() -> list[tuple[str, str, Any]]:
-    """(section.key, type, default) for every key: the CLI's --help lists them."""
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(section.key, type, default, help) for every key: `tempo config --keys` prints them."""
     rows = []
     for sec in dataclasses.fields(Config):
         section = sec.default_factory()
         for f in dataclasses.fields(section):
             typ = typing.get_type_hints(type(section))[f.name]
             name = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
-            rows.append((f"{sec.name}.{f.name}", name, getattr(section, f.name)))
+            rows.append((f"{sec.name}.{f.name}", name, getattr(section, f.name), f.metadata["help"]))
     return rows
 

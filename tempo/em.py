@@ -30,7 +30,7 @@ from tempo.data import Problem
 from tempo.errors import ConfigError, NonFiniteError, RefillError
 from tempo.evaluate import evaluate, roll
 from tempo.grading import Grade
-from tempo.methods import Method
+from tempo.methods import METHODS, Method
 from tempo.metrics import auroc, brier
 from tempo.models.base import TokenBatch, TrainableLM
 from tempo.profiling import phase
@@ -84,7 +84,10 @@ def check_data(method: Method, labeled: list[Problem], unlabeled: list[Problem])
 
 
 class EMTrainer:
-    def __init__(self, cfg: Config, method: Method, models: Models, splits: TaskSplits):
+    """The EM loop of `cfg.algorithm.method` on built models and data splits."""
+
+    def __init__(self, cfg: Config, models: Models, splits: TaskSplits):
+        method = METHODS[cfg.algorithm.method]
         check_data(method, splits.labeled, splits.unlabeled)
         self.cfg, self.method, self.models, self.splits = cfg, method, models, splits
         self.policy: TrainableLM = models.policy
@@ -127,18 +130,25 @@ class EMTrainer:
         with phase("rollout"):
             return roll(self.models, problems, n, self.cfg.data.template)
 
-    def _labeled_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
-                        stats: dict[str, float]) -> Batch:
-        """The labeled groups with a signal (unless `algorithm.filter_groups` is off)."""
+    def _kept_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
+                     self_reward: torch.Tensor, stats: dict[str, float]) -> Batch:
+        """The groups of one generate call that train: every unlabeled group, and the labeled
+        groups with a signal (rewards that differ; all of them when `algorithm.filter_groups`
+        is off). Counts the labeled rollouts' accuracy and the dropped groups in `stats`."""
         n = self.cfg.rollout.n
-        stats["labeled_right"] += sum(g.correct for g in grades)
-        stats["labeled_rolled"] += len(grades)
-        keep = [i for i in range(len(problems))
-                if not self.cfg.algorithm.filter_groups or rewards.group_varies(grades[i * n:(i + 1) * n])]
-        stats["dropped_groups"] += len(problems) - len(keep)
+        keep = []
+        for i, p in enumerate(problems):
+            group = grades[i * n:(i + 1) * n]
+            if p.is_labeled:
+                stats["labeled_right"] += sum(g.correct for g in group)
+                stats["labeled_rolled"] += n
+                if self.cfg.algorithm.filter_groups and not rewards.group_varies(group):
+                    stats["dropped_groups"] += 1
+                    continue
+            keep.append(i)
         rows = torch.tensor([i * n + j for i in keep for j in range(n)], dtype=torch.long)
         return Batch([problems[i] for i in keep], rollouts.select(rows), [grades[r] for r in rows.tolist()],
-                     torch.zeros(len(rows)), n)
+                     self_reward[rows], n)
 
     def _unlabeled_groups(self, problems: list[Problem], rollouts: Rollouts, grades: list[Grade],
                           votes: int) -> Batch:
@@ -168,7 +178,8 @@ class EMTrainer:
             cut = len(ride) * n
             if ride:
                 stats["gen_batches"] += 1
-                parts.append(self._labeled_groups(ride, rollouts.select(torch.arange(cut)), grades[:cut], stats))
+                parts.append(self._kept_groups(ride, rollouts.select(torch.arange(cut)), grades[:cut],
+                                               torch.zeros(cut), stats))
                 kept = len(parts[-1].problems)
             parts.append(self._unlabeled_groups(unlabeled, rollouts.select(torch.arange(cut, len(grades))),
                                                 grades[cut:], votes))
@@ -177,20 +188,34 @@ class EMTrainer:
             labeled = labeled or self.labeled.take(want_labeled - kept)
             rollouts, grades = self._roll(labeled, n)
             stats["gen_batches"] += 1
-            parts.append(self._labeled_groups(labeled, rollouts, grades, stats))
+            parts.append(self._kept_groups(labeled, rollouts, grades, torch.zeros(len(grades)), stats))
             kept += len(parts[-1].problems)
             labeled = []
-        right, rolled = stats.pop("labeled_right"), stats.pop("labeled_rolled")
-        if rolled:  # accuracy over every labeled rollout, before groups without signal were dropped
-            stats["labeled_acc"] = right / rolled
-        parts = [p for p in parts if p.problems]
-        if not parts:  # every group was filtered out: nothing to learn from this step
+        stats = self._accuracy(stats)
+        if not any(p.problems for p in parts):  # every group was filtered out: nothing to learn from this step
             return None, stats
-        batch = Batch([q for p in parts for q in p.problems],
-                      Rollouts.concat([p.rollouts for p in parts], self.models.tokenizer.pad_token_id),
-                      [g for p in parts for g in p.grades], torch.cat([p.self_reward for p in parts]),
-                      cfg.rollout.n)
-        return batch, stats
+        return self._joined(parts), stats
+
+    def _joined(self, parts: list[Batch], cut: int | None = None) -> Batch:
+        """One batch of the parts' groups in order; with `cut`, of the first `cut` groups."""
+        n, taken, left = self.cfg.rollout.n, [], cut
+        for p in parts:
+            k = len(p.problems) if left is None else min(len(p.problems), left)
+            if k:
+                taken.append(p if k == len(p.problems) else Batch(
+                    p.problems[:k], p.rollouts.select(torch.arange(k * n)), p.grades[:k * n], p.self_reward[:k * n], n))
+            left = None if left is None else left - k
+        return Batch([q for p in taken for q in p.problems],
+                     Rollouts.concat([p.rollouts for p in taken], self.models.tokenizer.pad_token_id),
+                     [g for p in taken for g in p.grades], torch.cat([p.self_reward for p in taken]), n)
+
+    @staticmethod
+    def _accuracy(stats: dict[str, float]) -> dict[str, float]:
+        """Accuracy over every labeled rollout, before groups without signal were dropped."""
+        right, rolled = stats.pop("labeled_right"), stats.pop("labeled_rolled")
+        if rolled:
+            stats["labeled_acc"] = right / rolled
+        return stats
 
     def _collect_flagged(self) -> tuple[Batch, dict[str, float]]:
         """The authors' batches: prompts_per_step prompts a generation batch from one shuffled
@@ -198,37 +223,24 @@ class EMTrainer:
         prompts_per_step groups are kept, then cut to that many, in stream order."""
         cfg, n, want = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         source = self.method.unlabeled
-        stats = {"gen_batches": 0.0, "dropped_groups": 0.0}
-        problems, groups, grades_all, self_reward, right, rolled = [], [], [], [], 0, 0
-        while len(problems) < want:
+        stats = {"gen_batches": 0.0, "dropped_groups": 0.0, "labeled_right": 0.0, "labeled_rolled": 0.0}
+        parts, kept = [], 0
+        while kept < want:
             if stats["gen_batches"] == cfg.algorithm.max_gen_batches:
                 raise RefillError(f"algorithm.max_gen_batches: {cfg.algorithm.max_gen_batches} generation batches kept "
-                                  f"{len(problems)} of train.prompts_per_step={want} prompts (labeled groups whose "
+                                  f"{kept} of train.prompts_per_step={want} prompts (labeled groups whose "
                                   f"rollouts all agree are dropped); raise it, or use train.mixing=fixed")
             drawn = self.stream.take(want)
             rollouts, grades = self._roll(drawn, n)
             stats["gen_batches"] += 1
             scores = source.self_score(grades, n) if source and source.self_score else torch.zeros(len(grades))
-            for i, p in enumerate(drawn):
-                group = grades[i * n:(i + 1) * n]
-                if p.is_labeled:
-                    right, rolled = right + sum(g.correct for g in group), rolled + n
-                    if cfg.algorithm.filter_groups and not rewards.group_varies(group):
-                        stats["dropped_groups"] += 1
-                        continue
-                problems.append(p)
-                groups.append(rollouts.select(torch.arange(i * n, (i + 1) * n)))
-                grades_all += group
-                self_reward.append(scores[i * n:(i + 1) * n])
-        if rolled:
-            stats["labeled_acc"] = right / rolled
-        batch = Batch(problems[:want], Rollouts.concat(groups[:want], self.models.tokenizer.pad_token_id),
-                      grades_all[:want * n], torch.cat(self_reward[:want]), n)
-        return batch, stats
+            parts.append(self._kept_groups(drawn, rollouts, grades, scores, stats))
+            kept += len(parts[-1].problems)
+        return self._joined(parts, cut=want), self._accuracy(stats)
 
     # -- 3-7: one EM step --------------------------------------------------------------
 
-    def train_step(self, update_policy: bool = True) -> dict[str, float]:
+    def train_step(self) -> dict[str, float]:
         self.step += 1
         cfg, m = self.cfg, self.method
         batch, stats = self.collect()
@@ -244,7 +256,7 @@ class EMTrainer:
         # the M-step's own forward computes: no separate scoring pass, unless the engine's own
         # log-probs are to be compared with them.
         engine_logp = batch.rollouts.logprobs
-        on_policy = update_policy and cfg.train.mini_batches == 1 and cfg.train.update_epochs == 1
+        on_policy = cfg.train.mini_batches == 1 and cfg.train.update_epochs == 1
         with phase("old log-probs"):
             scored = None if on_policy and engine_logp is None else self.policy.infer(tokens, mb_size)
         with phase("values"):
@@ -276,12 +288,11 @@ class EMTrainer:
                 self.recalibrations += 1
         stats["recalibrations"] = float(self.recalibrations)
 
-        if update_policy:
-            tokens.extras = {"advantages": advantages} | ({} if scored is None else {"old_logp": scored["logp"]})
-            stats.update(self.m_step(tokens))
-            self._account("policy", stats["actor/nonfinite"] > 0)
-            with phase("weight sync"):
-                self.models.engine.sync_weights(self.policy.export_weights())
+        tokens.extras = {"advantages": advantages} | ({} if scored is None else {"old_logp": scored["logp"]})
+        stats.update(self.m_step(tokens))
+        self._account("policy", stats["actor/nonfinite"] > 0)
+        with phase("weight sync"):
+            self.models.engine.sync_weights(self.policy.export_weights())
 
         valid = mask.sum()
         entropy = (stats.pop("actor/entropy_sum") / stats.pop("actor/tokens") if scored is None
@@ -347,11 +358,11 @@ class EMTrainer:
             return loss * mb.extras["share"].sum(), {"value_loss": loss.item(), **stats}
 
         with phase("E-step"):
-            stats = self._optimise(self.critic, tokens, loss_fn, None if masked else agg, shuffle=not masked)
+            stats = self._optimise(self.critic, tokens, loss_fn, None if masked else agg)
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def m_step(self, tokens: TokenBatch) -> dict[str, float]:
-        """Policy refinement: GSPO (or PPO) over shuffled mini-batches."""
+        """Policy refinement: GSPO (or PPO) over mini-batches."""
         a = self.cfg.algorithm
 
         def loss_fn(out, mb):
@@ -368,15 +379,14 @@ class EMTrainer:
             stats = self._optimise(self.policy, tokens, loss_fn, a.loss_agg)
         return {f"actor/{k}": v for k, v in stats.items()}
 
-    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str | None,
-                  shuffle: bool = True) -> dict[str, float]:
+    def _optimise(self, model: TrainableLM, tokens: TokenBatch, loss_fn, agg: str | None) -> dict[str, float]:
         """`train.update_epochs` passes, each one optimiser step per mini-batch (shuffled, or
-        contiguous). Each row carries its `share` of the mini-batch loss (its tokens' share for
-        token means, 1/rows for sequence means or an `agg` of None), so micro-batch losses add
-        up to the mini-batch loss."""
+        contiguous: `train.shuffle_minibatches`). Each row carries its `share` of the mini-batch
+        loss (its tokens' share for token means, 1/rows for sequence means or an `agg` of None),
+        so micro-batch losses add up to the mini-batch loss."""
         t = self.cfg.train
         size = -(-len(tokens) // min(t.mini_batches, len(tokens)))  # `mini_batches` near-equal parts
-        minis = list(self._mini_batches(tokens, t.update_epochs, size, agg, shuffle))
+        minis = list(self._mini_batches(tokens, t.update_epochs, size, agg, t.shuffle_minibatches))
         totals: dict[str, float] = {}
         for mini in minis:
             out = model.train_step(mini.split(t.micro_batch_size), loss_fn)
@@ -402,9 +412,11 @@ class EMTrainer:
         clip: no old critic to stay near), pass after pass over the same rows (rolling out once
         is what makes it cheap), in mini-batches of `s.critic_batch` rows. The last
         `s.critic_validation` problems are held out of the fit: it stops after the first pass
-        that does not lower their value loss by 0.5% or that brings their AUROC to
-        `s.critic_target_auroc`, or after `s.critic_epochs` passes. With `s.critic_decay` the
-        learning rate falls linearly to zero over those passes."""
+        that brings their AUROC to `s.critic_target_auroc`, after the second pass in a row that
+        does not lower their value loss by 0.5%, or after `s.critic_epochs` passes. One flat
+        pass is no reason to stop: the step-by-step check the critic must learn can appear
+        after a plateau. With `s.critic_decay` the learning rate falls linearly to zero over
+        those passes."""
         epochs, batch_rows, validation = s.critic_epochs, s.critic_batch, s.critic_validation
         n = s.critic_samples or self.cfg.rollout.n
         rollouts, grades = self._roll(problems, n)
@@ -427,7 +439,7 @@ class EMTrainer:
             return loss.item(), auroc(rewards.last_token(values, val.response_mask), val.extras["returns"].gt(0).float())
 
         out = {"rows": float(len(fit)), "accuracy": float(returns.gt(0).float().mean()), "epochs": 0.0}
-        best, started = float("inf"), time.perf_counter()
+        best, flat, started = float("inf"), 0, time.perf_counter()
         shown, steps = started, -(-len(fit) // batch_rows)
         for epoch in range(1, epochs + 1):
             losses = []
@@ -444,9 +456,11 @@ class EMTrainer:
                 out["validation_loss"], out["validation_auroc"] = validate()
                 line += f", held-out pool questions: value loss {out['validation_loss']:.4f}, AUROC {out['validation_auroc']:.3f}"
             log.info("%s, %.0fs", line, time.perf_counter() - started)
-            if held and (out["validation_loss"] > best * 0.995 or out["validation_auroc"] >= s.critic_target_auroc):
-                break
-            best = min(best, out.get("validation_loss", best))
+            if held:
+                flat = flat + 1 if out["validation_loss"] > best * 0.995 else 0
+                best = min(best, out["validation_loss"])
+                if out["validation_auroc"] >= s.critic_target_auroc or flat == 2:
+                    break
         return out
 
     # -- evaluation --------------------------------------------------------------------

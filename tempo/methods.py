@@ -31,6 +31,7 @@ class UnlabeledReward:
 class Advantage:
     compute: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, int], torch.Tensor]  # (R, V, mask, n)
     wrong: float  # the verified reward of a wrong labeled answer
+    uses_values: bool  # reads the critic's per-token values V
 
 
 def em_token(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -41,9 +42,16 @@ def grpo(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, 
     return algorithm.grpo_advantage(reward, n, mask)
 
 
+def em_outcome(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The authors' `em` estimator: the terminal reward (a critic value clamped to [−1, 1] on
+    unlabeled rows) normalised within its group, as GRPO, with no per-token baseline."""
+    return algorithm.grpo_advantage(reward.clamp(-1.0, 1.0), n, mask)
+
+
 # em_token regresses toward R ∈ {+1, −1}; TTRL's and EMPO's scores are in [0, 1].
-EM_TOKEN = Advantage(em_token, wrong=-1.0)
-GRPO = Advantage(grpo, wrong=0.0)
+EM_TOKEN = Advantage(em_token, wrong=-1.0, uses_values=True)
+GRPO = Advantage(grpo, wrong=0.0, uses_values=False)
+EM_OUTCOME = Advantage(em_outcome, wrong=-1.0, uses_values=False)
 
 
 # When the E-step runs: (step, the critic's Brier on this step's labeled rows, what the
@@ -74,29 +82,36 @@ CLUSTER = UnlabeledReward(rewards.cluster_reward, threshold=0.5)
 
 @dataclass(frozen=True)
 class Method:
+    description: str
     unlabeled: UnlabeledReward | None  # None: no unlabeled prompts
     labeled_prompts: bool  # train.labeled_per_step D_L prompts a step: verified rewards, the E-step's rows
     recalibrate: Schedule
     advantage: Advantage
-    uses_critic: bool
-    description: str
+
+    @property
+    def uses_critic(self) -> bool:
+        """A critic is built when the unlabeled reward or the advantage reads its values."""
+        critic_reward = self.unlabeled is not None and self.unlabeled.self_score is None
+        return critic_reward or self.advantage.uses_values
 
 
 METHODS: dict[str, Method] = {
-    "tempo": Method(CRITIC, True, periodic, EM_TOKEN, True,
-                    "TEMPO: E-step recalibrates the critic on D_L, M-step uses its value on D_U"),
-    "tempo-adaptive": Method(CRITIC, True, adaptive, EM_TOKEN, True,
-                             "TEMPO, E-step only when the critic's Brier on the step's labeled rollouts rises"),
-    "tempo-fixed-critic": Method(CRITIC, True, never, EM_TOKEN, True,
-                                 "TEMPO with the stage-1 critic frozen (the authors' lr-0 config)"),
-    "m-step-only": Method(CRITIC, False, never, EM_TOKEN, True,
-                          "critic reward on D_U only, no labeled data after stage 1"),
-    "ttrl": Method(MAJORITY, False, never, GRPO, False,
-                   "TTRL: reward = agreement with the majority-voted answer"),
-    "empo": Method(CLUSTER, False, never, GRPO, False,
-                   "EMPO: reward = frequency of the response's semantic answer cluster"),
-    "rlvr": Method(None, True, periodic, EM_TOKEN, True,
-                   "RL with verifiable rewards on TEMPO's labeled prompts only: the control for the critic's reward on D_U"),
-    "grpo": Method(None, True, never, GRPO, False,
-                   "RLVR as TRL and verl run it: verified reward on labeled prompts, group-normalised advantage, no critic"),
+    "tempo": Method("TEMPO: E-step recalibrates the critic on D_L, M-step uses its value on D_U",
+                    unlabeled=CRITIC, labeled_prompts=True, recalibrate=periodic, advantage=EM_TOKEN),
+    "tempo-adaptive": Method("TEMPO, E-step only when the critic's Brier on the step's labeled rollouts rises",
+                             unlabeled=CRITIC, labeled_prompts=True, recalibrate=adaptive, advantage=EM_TOKEN),
+    "tempo-outcome": Method("TEMPO with the authors' outcome-level `em` advantage (their HiPhO script)",
+                            unlabeled=CRITIC, labeled_prompts=True, recalibrate=periodic, advantage=EM_OUTCOME),
+    "tempo-fixed-critic": Method("TEMPO with the stage-1 critic frozen (the authors' lr-0 config)",
+                                 unlabeled=CRITIC, labeled_prompts=True, recalibrate=never, advantage=EM_TOKEN),
+    "m-step-only": Method("critic reward on D_U only, no labeled data after stage 1",
+                          unlabeled=CRITIC, labeled_prompts=False, recalibrate=never, advantage=EM_TOKEN),
+    "ttrl": Method("TTRL: reward = agreement with the majority-voted answer",
+                   unlabeled=MAJORITY, labeled_prompts=False, recalibrate=never, advantage=GRPO),
+    "empo": Method("EMPO: reward = frequency of the response's semantic answer cluster",
+                   unlabeled=CLUSTER, labeled_prompts=False, recalibrate=never, advantage=GRPO),
+    "rlvr": Method("RL with verifiable rewards on TEMPO's labeled prompts only: the control for the critic's "
+                   "reward on D_U", unlabeled=None, labeled_prompts=True, recalibrate=periodic, advantage=EM_TOKEN),
+    "grpo": Method("RLVR as TRL and verl run it: verified reward on labeled prompts, group-normalised advantage, "
+                   "no critic", unlabeled=None, labeled_prompts=True, recalibrate=never, advantage=GRPO),
 }

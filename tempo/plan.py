@@ -12,7 +12,10 @@ while the trainer steps), so the peak is the larger of:
 both plus a runtime reserve of 5% of the GPU (CUDA context, NCCL buffers, allocator slack).
 
 Estimates, not measurements: bf16/fp16 weights and gradients with fp32 AdamW moments and fp32
-master weights (16 bytes per parameter; fp32 training: 16 as well, no master copy needed);
+master weights (16 bytes per parameter; fp32 training: 16 as well, no master copy needed); a
+model that never steps (a frozen critic) holds its weights only; under model.cpu_offload FSDP2
+keeps every state in host memory (the GPU holds what it gathers: the root unit and two
+layers), Megatron its fp32 masters and AdamW moments (the 16-bit weights and grads stay);
 activations after Korthikanti et al. 2022 ("Reducing activation recomputation in large
 transformer models"): 34·s·b·h bytes per layer in 16-bit (dropout-free: we count 30), divided
 by TP under sequence parallelism; attention scores 5·a·s²·b/TP when the attention kernel keeps
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from tempo.config import Config
 from tempo.errors import ConfigError
+from tempo import methods
 from tempo.methods import METHODS
 
 GIB = 1 << 30
@@ -115,12 +119,20 @@ class Plan:
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
-def _states_per_gpu(a: Arch, kind: str, cfg: Config, world: int, weight_bytes: int) -> float:
-    """Weights + gradients + AdamW state of one model on the most loaded GPU."""
+def _states_per_gpu(a: Arch, kind: str, cfg: Config, world: int, weight_bytes: int, steps: bool,
+                    offload: bool) -> float:
+    """Weights + gradients + AdamW state of one model on the most loaded GPU (`steps` False: a
+    model that never takes an optimiser step allocates neither gradients nor AdamW state)."""
     m = cfg.model
-    per_param = 2 * weight_bytes + 8 + (4 if weight_bytes < 4 else 0)  # weights, grads, m+v, master
-    if m.backend == "hf":  # FSDP2 shards every state over all ranks
-        return a.params(kind) * per_param / world
+    if m.backend == "hf":  # FSDP2 shards fp32 weights (the masters), grads and AdamW state over all ranks
+        if offload:  # all in host memory; gathered to compute: the root unit, two layers (one prefetched)
+            return (a.params(kind) - (a.layers - 2) * a.layer_params) * weight_bytes
+        return a.params(kind) * (16 if steps else 4) / world
+    # Megatron: the weights (and grads) in model.dtype; unless offloaded, the fp32 masters of
+    # 16-bit weights and AdamW's m + v too.
+    per_param = weight_bytes + (weight_bytes if steps else 0)
+    if not offload:
+        per_param += (4 if weight_bytes < 4 else 0) + (8 if steps else 0)
     # Megatron: TP splits every matrix, PP the layers; the first stage also holds the
     # embedding (and the head when there is one stage); AdamW is per rank, not DP-sharded.
     stage = a.layers // m.pipeline_parallel * a.layer_params + a.vocab * a.hidden
@@ -162,9 +174,16 @@ def plan(cfg: Config, world: int, gpu_gb: float) -> Plan:
     models = [(policy, "policy")]
     if METHODS[cfg.algorithm.method].uses_critic:  # TTRL, EMPO and GRPO build none
         models.append((arch_of(m.critic_path) if m.critic_path else policy, "critic"))
-    rows = [(f"{kind} weights + grads + AdamW ({a.params(kind) / 1e9:.2f}B params)",
-             _states_per_gpu(a, kind, cfg, world, weight_bytes)) for a, kind in models]
+    steps = {"policy": True, "critic": METHODS[cfg.algorithm.method].recalibrate is not methods.never}
+    rows = [(f"{kind} weights" + (" + grads + AdamW" if steps[kind] else " (never steps)") +
+             (", offloaded: what is gathered" if m.cpu_offload else "") + f" ({a.params(kind) / 1e9:.2f}B params)",
+             _states_per_gpu(a, kind, cfg, world, weight_bytes, steps[kind], m.cpu_offload)) for a, kind in models]
     states = sum(size for _, size in rows)
+    if m.cpu_offload:
+        host = sum(_states_per_gpu(a, kind, cfg, world, weight_bytes, steps[kind], False) for a, kind in models) - states
+        notes_offload = [f"model.cpu_offload: about {max(host, 0.0) / GIB:.1f} GiB of host memory per GPU holds the rest"]
+    else:
+        notes_offload = []
     acts, notes = zip(*(_activations(a, cfg, weight_bytes) for a, _ in models))
     act = max(acts)
     rows.append((f"activations, one micro-batch of {cfg.train.micro_batch_size} × "
@@ -173,7 +192,7 @@ def plan(cfg: Config, world: int, gpu_gb: float) -> Plan:
     gpu = gpu_gb * GIB
     vllm = r.gpu_memory_utilization * gpu if r.engine == "vllm" else 0.0
     vllm_tp = m.tensor_parallel if m.backend == "megatron" else 1
-    notes = [n for part in notes for n in part]
+    notes = [n for part in notes for n in part] + notes_offload
     if vllm:
         weights = policy.params("policy") * weight_bytes / vllm_tp
         kv_token = 2 * policy.layers * policy.kv_heads * policy.head_dim * weight_bytes / vllm_tp

@@ -55,9 +55,14 @@ def markdown_table(named: dict[str, dict], keys=HEADLINE) -> str:
 RANGES = {"mean@k": (0, 1), "pass@k": (0, 1), "maj@k": (0, 1), "critic_auroc_heldout": (0, 1)}
 
 
-def plot_curves(series: dict[str, list[dict]], path: Path, keys=CURVES, chance: dict[str, float] | None = None) -> None:
-    """One panel a metric over steps; the base value (step 0) dotted in each series' colour,
-    chance dashed grey (`chance`: the answer-guessing rate for accuracies; AUROC's is 0.5)."""
+def plot_curves(series: dict[str, list[list[dict]]], path: Path, keys=CURVES,
+                chance: dict[str, float] | None = None) -> None:
+    """One panel a metric over steps, one line a series: the mean over its runs (seeds), with a
+    band of ± one standard deviation when there are several; the base value (step 0) dotted in
+    the series' colour, chance dashed grey (`chance`: the answer-guessing rate for accuracies;
+    AUROC's is 0.5)."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,11 +71,22 @@ def plot_curves(series: dict[str, list[dict]], path: Path, keys=CURVES, chance: 
     chance = {"critic_auroc_heldout": 0.5, **(chance or {})}
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):
-        for name, rows in series.items():
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-                ax.axhline(pts[0][1], color=line.get_color(), ls=":", lw=1)
+        for name, runs in series.items():
+            by_step: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    if r.get(key) is not None:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            steps = sorted(s for s, v in by_step.items() if len(v) == len(runs))  # every run has it
+            if not steps:
+                continue
+            mean = [statistics.mean(by_step[s]) for s in steps]
+            line, = ax.plot(steps, mean, marker="o", ms=3, label=name)
+            ax.axhline(mean[0], color=line.get_color(), ls=":", lw=1)
+            if len(runs) > 1:
+                std = [statistics.stdev(by_step[s]) for s in steps]
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15, lw=0)
         if key in chance:
             ax.axhline(chance[key], color="grey", ls="--", lw=1, label="chance")
         if key in RANGES:
@@ -93,6 +109,6 @@ def write_report(run_dir: Path, method: str, seconds: float, chance: dict[str, f
             f"D_U mean@k change, base to final: {gain:+.1f} points; wall clock {seconds / 60:.1f} min.\n")
     (run_dir / "summary.md").write_text(text)
     (run_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=1))
-    plot_curves({method: rows}, run_dir / "curves.png", chance=chance)
+    plot_curves({method: [rows]}, run_dir / "curves.png", chance=chance)
     print(text)
     return summary

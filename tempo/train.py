@@ -55,11 +55,12 @@ def model_sources(cfg: Config) -> tuple[str, str | None]:
 
 def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
     """Hash of every setting that shapes stage 1's models (not the EM loop's length, the
-    method or the kernel implementation, which give equal models). The methods of one seed
+    method, the kernel implementation or host offload, which give equal models). The methods of one seed
     share them; each seed draws its own, so a spread over seeds includes the critic's draw."""
     shape = {k: asdict(getattr(cfg, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
     shape["base"], shape["critic_base"] = base_path, critic_base
     shape["model"].pop("kernels")
+    shape["model"].pop("cpu_offload")
     shape["algorithm"].pop("method")
     # Stage 1's batches are all labeled and its critic trains at stage1.critic_lr.
     shape["seed"] = cfg.train.seed
@@ -88,7 +89,7 @@ def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSpl
     seed_everything(s1.train.seed)
     models = build_models(s1, base_path, critic_base, need_critic=True)
     # Stage 1 trains on its own labeled data (the pre-test-time RL set), not on D_L.
-    trainer = EMTrainer(s1, METHODS["rlvr"], models, dataclasses.replace(splits, labeled=splits.stage1))
+    trainer = EMTrainer(s1, models, dataclasses.replace(splits, labeled=splits.stage1))
     if s.critic_epochs:
         pool = splits.stage1[: s.critic_prompts or None]
         fit = trainer.fit_critic(pool, s)
@@ -172,7 +173,7 @@ def _run(cfg: Config, run_dir: Path, start: Path | None) -> dict:
         critic_path = str(start / "critic") if (start / "critic").is_dir() else None
     seed_everything(cfg.train.seed)
     models = build_models(cfg, policy_path, critic_path, need_critic=method.uses_critic)
-    trainer = EMTrainer(cfg, method, models, splits)
+    trainer = EMTrainer(cfg, models, splits)
     if start is not None:
         load_checkpoint(trainer, start)
         log.info("resumed from %s (step %d)", start, trainer.step)

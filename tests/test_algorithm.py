@@ -72,6 +72,21 @@ def test_grpo_advantage_groups():
     torch.testing.assert_close(adv.squeeze(1), torch.tensor([0.7071, -0.7071, 0.0, 0.0]), atol=1e-3, rtol=0)
 
 
+def test_em_outcome_advantage_is_the_authors():
+    """verl fork's compute_em_outcome_advantage: score = verified reward (labeled) or the
+    critic's last value clamped to [-1, 1]; (score - group mean) / (unbiased std + 1e-6)."""
+    from tempo.methods import METHODS
+
+    reward = torch.tensor([1.0, -1.0, 1.0, 1.0, 0.3, 1.7, -2.0, 0.3], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 8, dtype=torch.float64)
+    adv = METHODS["tempo-outcome"].advantage.compute(reward, None, mask, 4)
+    expected = []
+    for group in reward.clamp(-1, 1).view(2, 4):
+        expected += ((group - group.mean()) / (group.std() + 1e-6)).tolist()
+    assert torch.allclose(adv, torch.tensor(expected, dtype=torch.float64)[:, None] * mask)
+    assert METHODS["tempo-outcome"].advantage.wrong == -1.0
+
+
 def test_pass_at_k_estimator():
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 − C(3,2)/C(4,2) = 1 − 3/6
     assert pass_at_k(5, 0, 3) == 0.0

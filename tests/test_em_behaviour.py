@@ -18,7 +18,7 @@ from tempo.models.base import TokenBatch
 from tempo.models.hf import HFModel
 from tempo.config import Optim
 from tempo.train import stage1_key, train
-from test_em_loop import micro_config, micro_model, read  # noqa: F401 (fixture)
+from helpers import micro_config, read
 
 
 # -- the critic reads V(x, y_<t) --------------------------------------------------------
@@ -69,7 +69,7 @@ def trainer_for(tmp_path, policy_path, *extra, method="tempo"):
                        f"algorithm.method={method}", *extra)
     torch.manual_seed(0)
     models = build_models(cfg, policy_path, None, need_critic=METHODS[method].uses_critic)
-    return EMTrainer(cfg, METHODS[method], models, build_splits(cfg))
+    return EMTrainer(cfg, models, build_splits(cfg))
 
 
 def labeled_batch(trainer, returns):
@@ -100,6 +100,7 @@ def test_masked_e_step_is_the_hand_computed_update(tmp_path, micro_model):
     # The authors' E-step: the whole batch in order, each micro-batch's loss over its labeled
     # rows weighted by its rows' share of the mini-batch (3/8, 3/8, 2/8 here; the middle one has none).
     trainer = trainer_for(tmp_path, micro_model, "algorithm.e_step_rows=masked", "train.mini_batches=1",
+                          "train.shuffle_minibatches=false",
                           "train.micro_batch_size=3", "train.grad_clip=1e9", "train.critic_lr=0.01")
     tokens = labeled_batch(trainer, lambda b: torch.where(torch.arange(b) % 3 == 0, 1.0, -1.0))
     labeled = torch.tensor([1, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
@@ -120,11 +121,33 @@ def test_masked_e_step_is_the_hand_computed_update(tmp_path, micro_model):
 
 
 def test_masked_e_step_steps_the_optimiser_on_a_mini_batch_without_labeled_rows(tmp_path, micro_model):
-    trainer = trainer_for(tmp_path, micro_model, "algorithm.e_step_rows=masked", "train.mini_batches=2")
+    trainer = trainer_for(tmp_path, micro_model, "algorithm.e_step_rows=masked", "train.mini_batches=2",
+                          "train.shuffle_minibatches=false")
     tokens = labeled_batch(trainer, lambda b: torch.ones(b))
     stats = trainer.e_step(tokens, torch.arange(len(tokens)) < 2)  # the second mini-batch has none
     steps = {int(state["step"]) for state in trainer.critic.optimizer.state.values()}
     assert steps == {2} and stats["critic/value_loss"] > 0
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_mini_batches_are_contiguous_slices_or_a_seeded_shuffle(tmp_path, micro_model, shuffle):
+    trainer = trainer_for(tmp_path, micro_model, f"train.shuffle_minibatches={str(shuffle).lower()}",
+                          "train.mini_batches=3", "train.update_epochs=2")
+    tokens = labeled_batch(trainer, lambda b: torch.ones(b))
+    tokens.extras["row"] = torch.arange(len(tokens))
+    seen = []
+
+    class Recorder:  # stands in for a model: records each optimiser step's rows
+        def train_step(self, micro_batches, loss_fn):
+            seen.append(torch.cat([mb.extras["row"] for mb in micro_batches]).tolist())
+            return {}
+
+    trainer._optimise(Recorder(), tokens, None, "token-mean")
+    size = -(-len(tokens) // 3)
+    contiguous = [list(range(i, min(i + size, len(tokens)))) for i in range(0, len(tokens), size)]
+    assert len(seen) == 2 * len(contiguous) and sorted(sum(seen[:len(contiguous)], [])) == list(range(len(tokens)))
+    assert all(sorted(rows) == rows for rows in seen)  # in row order: a group shares micro-batches
+    assert (seen == contiguous * 2) != shuffle
 
 
 def test_unlabeled_only_batch_never_touches_the_critic(tmp_path, micro_model):
@@ -295,11 +318,11 @@ def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     assert key(load_config("configs/tiny_cpu.yaml")) != key(load_config("configs/tiny_cpu.yaml", [override]))
 
 
-def test_stage1_key_ignores_kernels_method_and_length():
+def test_stage1_key_ignores_kernels_offload_method_and_length():
     from tempo.config import load_config
 
     base = load_config("configs/tiny_cpu.yaml")
-    for override in ("model.kernels=reference", "algorithm.method=ttrl", "train.steps=7",
+    for override in ("model.kernels=reference", "model.cpu_offload=true", "algorithm.method=ttrl", "train.steps=7",
                      "train.critic_lr=0"):
         assert stage1_key(base, "b", None) == stage1_key(load_config("configs/tiny_cpu.yaml", [override]), "b", None)
     assert stage1_key(base, "b", None) != stage1_key(base, "b", "other-critic")

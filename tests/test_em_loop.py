@@ -5,46 +5,10 @@ import os
 import pytest
 import torch
 
-from tempo.base_model import build_tiny_qwen3
-from tempo.config import BaseModelConfig, load_config
+from tempo.config import load_config
 from tempo.errors import ConfigError
-from tempo.tokenizer import char_tokenizer
 from tempo.train import train
-
-MICRO = BaseModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, ffn_size=32)
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory):
-    """A randomly initialised Qwen3 of ~4k parameters, saved as a Hugging Face checkpoint."""
-    path = tmp_path_factory.mktemp("micro")
-    tok = char_tokenizer()
-    model = build_tiny_qwen3(MICRO, len(tok), tok.pad_token_id, tok.eos_token_id)
-    assert sum(p.numel() for p in model.parameters()) < 10_000
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def micro_overrides(tmp_path, policy_path, *extra) -> list[str]:
-    """The overrides of a run on the micro model; later ones (`extra`) win."""
-    return [
-        f"model.policy_path={policy_path}", f"run.out_dir={tmp_path / 'run'}", f"base_model.cache_dir={tmp_path / 'cache'}",
-        "task.num_labeled=8", "task.num_unlabeled=8", "task.num_heldout=4", "task.min_ops=1", "task.max_ops=2",
-        "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.labeled_per_step=2",
-        "train.micro_batch_size=8", "train.steps=2", "eval.every=1", "eval.k=4", "eval.pass_k=2",
-        "stage1.steps=1", "stage1.critic_epochs=1", "algorithm.filter_groups=false",
-        "run.progress=false", "run.tensorboard=false", *extra,
-    ]
-
-
-def micro_config(tmp_path, policy_path, *extra):
-    return load_config(None, micro_overrides(tmp_path, policy_path, *extra))
-
-
-def read(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+from helpers import micro_config, read
 
 def test_two_em_steps(tmp_path, micro_model):
     cfg = micro_config(tmp_path, micro_model)
@@ -79,15 +43,15 @@ def test_same_seed_same_metrics(tmp_path, micro_model):
 
 
 @pytest.mark.parametrize("method", ["ttrl", "empo", "m-step-only", "tempo-fixed-critic", "rlvr", "tempo-adaptive",
-                                    "grpo"])
+                                    "tempo-outcome", "grpo"])
 def test_methods_are_configs(tmp_path, micro_model, method):
     cfg = micro_config(tmp_path, micro_model, f"algorithm.method={method}", "train.steps=1",
                        "eval.every=5", "run.save_checkpoints=false", "stage1.steps=0", "stage1.critic_epochs=0")
     train(cfg)
     step = [r for r in read(tmp_path / "run") if r["phase"] == "train"][0]
-    # Only RLVR recalibrates at step 1; adaptive TEMPO takes its Brier yardstick there.
-    assert step["recalibrations"] == (1 if method == "rlvr" else 0)
-    assert ("critic/value_loss" in step) == (method == "rlvr")
+    # RLVR and TEMPO-outcome recalibrate at step 1; adaptive TEMPO takes its Brier yardstick there.
+    assert step["recalibrations"] == (1 if method in ("rlvr", "tempo-outcome") else 0)
+    assert ("critic/value_loss" in step) == (method in ("rlvr", "tempo-outcome"))
     # RLVR and GRPO draw labeled prompts only: no pseudo-reward to monitor.
     assert ("drift/pseudo_acc" in step) == (method not in ("rlvr", "grpo"))
     assert ("labeled_acc" in step) == (method not in ("ttrl", "empo", "m-step-only"))
@@ -249,3 +213,21 @@ def test_regime_check_reads_the_held_out_slice():
     text = regime(base)
     assert "critic AUROC 0.790 (FAILS: a useful verifier needs 0.80)" in text
     assert "maj@k − mean@k +12.0 points (passes" in text  # the held-out slice's, not D_U's 0.0
+
+
+def test_compare_tabulates_named_steps_over_seeds(tmp_path, micro_model):
+    from tempo.compare import compare
+
+    cfg = micro_config(tmp_path, micro_model, "train.steps=3", "eval.every=2", "run.save_checkpoints=false")
+    with pytest.raises(ConfigError, match="--at 1"):
+        compare(cfg, ["tempo"], str(tmp_path / "cmp"), [0], at=[1])
+    text = compare(cfg, ["tempo", "ttrl"], str(tmp_path / "cmp"), [0, 1], at=[2, 3])
+    assert "## Step 2" in text and "## Step 3" in text and "Final step" not in text
+    for method in ("tempo", "ttrl"):
+        finals = [[r for r in read(tmp_path / "cmp" / method / f"seed{s}") if r["phase"] == "eval"][-1]
+                  for s in (0, 1)]
+        assert [r["step"] for r in finals] == [3, 3]
+        row = next(line for line in text.split("## Step 3")[1].splitlines() if line.startswith(f"| {method} |"))
+        mean = sum(r["mean@k"] for r in finals) / 2
+        assert row.split(" | ")[1].startswith(f"{mean:.3f} ± ")
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0

@@ -1,11 +1,12 @@
 """The HF backend under torchrun: FSDP2 shards policy and critic over two gloo processes and
-splits the micro-batches; one optimiser step must give what one process gives."""
+splits the micro-batches; one optimiser step must give what one process gives, offloaded to
+host memory (model.cpu_offload) too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from test_megatron import TOL, assert_same_run, ckpts, torchrun  # noqa: F401 (fixture)
+from helpers import TOL, assert_same_run, torchrun
 
 WORKER = "torchrun_fsdp.py"
 
@@ -13,11 +14,11 @@ WORKER = "torchrun_fsdp.py"
 @pytest.fixture(scope="module")
 def runs(ckpts) -> dict[int, dict]:
     out = {}
-    for nproc in (1, 2):
-        target = ckpts["root"] / f"fsdp{nproc}.pt"
+    for name, nproc, extra in ((1, 1, []), (2, 2, []), ("offload", 1, ["--cpu-offload"])):
+        target = ckpts["root"] / f"fsdp{name}.pt"
         torchrun(nproc, "--policy", str(ckpts["untied"]), "--critic", str(ckpts["critic"]), "--out", str(target),
-                 "--save", str(ckpts["root"] / f"fsdp{nproc}"), worker=WORKER)
-        out[nproc] = torch.load(target, weights_only=False)
+                 "--save", str(ckpts["root"] / f"fsdp{name}"), *extra, worker=WORKER)
+        out[name] = torch.load(target, weights_only=False)
     return out
 
 
@@ -38,3 +39,12 @@ def test_a_sharded_checkpoint_loads_in_hf(ckpts, runs):
     for name, value in runs[2]["policy_weights"].items():
         assert torch.equal(weights[name], value), name
     assert sorted(p.name for p in saved.glob("optimizer_rank*.pt")) == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
+
+
+def test_cpu_offload_shards_into_host_memory_and_steps_the_same(ckpts, runs):
+    # FSDP2's CPUOffloadPolicy over one rank: weights, gradients and AdamW state stay on the
+    # host between steps, and one step is the same arithmetic.
+    assert runs["offload"]["sharded"]
+    assert_same_run(runs["offload"], runs[1])
+    saved = ckpts["root"] / "fsdpoffload" / "policy"
+    assert sorted(p.name for p in saved.glob("optimizer_rank*.pt")) == ["optimizer_rank0.pt"]

@@ -11,7 +11,7 @@ from tempo.config import load_config
 from tempo.em import EMTrainer
 from tempo.errors import DataError
 from tempo.methods import METHODS
-from test_em_loop import micro_config
+from helpers import micro_config
 
 
 def run_steps(tmp_path, policy_path, method: str, scramble: bool, steps: int = 3):
@@ -23,7 +23,7 @@ def run_steps(tmp_path, policy_path, method: str, scramble: bool, steps: int = 3
         splits = dataclasses.replace(splits, unlabeled=wrong)
     torch.manual_seed(0)
     models = build_models(cfg, policy_path, None, need_critic=METHODS[method].uses_critic)
-    trainer = EMTrainer(cfg, METHODS[method], models, splits)
+    trainer = EMTrainer(cfg, models, splits)
     stats = [trainer.train_step() for _ in range(steps)]
     weights = {f"{kind}.{k}": v.clone() for kind, model in (("policy", trainer.policy), ("critic", trainer.critic))
                if model is not None for k, v in model.module.state_dict().items()}

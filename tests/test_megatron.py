@@ -29,99 +29,29 @@ from tempo.errors import ConfigError  # noqa: E402
 from tempo.models.megatron import convert  # noqa: E402
 from tempo.models.megatron.parallel import check_layout  # noqa: E402
 
-WORKER = Path(__file__).with_name("torchrun_megatron.py")
-sys.path.insert(0, str(WORKER.parent))
+from helpers import TOL, assert_same_run, torchrun  # noqa: E402
 from torchrun_megatron import token_batch  # noqa: E402
 
-TOL = 1e-5
+WORKER = "torchrun_megatron.py"
 POLICIES = ("tied", "untied", "olmo3")  # worker index 0, 1, 2
 CRITICS = ("critic", "critic", "olmo3_critic")
 LAYOUTS = ("2x1x1", "1x2x1", "1x1x2", "2x1x1,sp")  # tp x pp x dp[,option], two processes
 
 
-def tiny_olmo3(vocab_size: int = 97):
-    """4 layers (sliding, sliding, sliding, full), window 4 < the test's 13 tokens, YaRN on the
-    full layer, and norm weights away from 1 so that a misplaced norm shows."""
-    from transformers import Olmo3Config, Olmo3ForCausalLM
-
-    cfg = Olmo3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1,
-                      rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32})
-    torch.manual_seed(3)
-    model = Olmo3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    return model
-
-
 # -- checkpoints and launches -----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
-
-    import tempo.models.hf  # noqa: F401 (registers the OLMo3 critic class)
-
-    root = tmp_path_factory.mktemp("megatron")
-    base = BaseModelConfig()
-    out = {}
-    tied = build_tiny_qwen3(base, vocab_size=98, pad_id=0, eos_id=1)
-    tied.save_pretrained(root / "tied")
-    out["tied"] = root / "tied"
-    cfg = build_tiny_qwen3(base, vocab_size=97, pad_id=0, eos_id=1).config
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(2)
-    untied = Qwen3ForCausalLM(cfg)
-    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
-    untied.save_pretrained(root / "untied")
-    out["untied"] = root / "untied"
-    cfg = tied.config
-    cfg.num_labels = 1
-    torch.manual_seed(1)
-    critic = AutoModelForTokenClassification.from_config(cfg)
-    torch.nn.init.normal_(critic.score.weight, std=0.1)
-    torch.nn.init.normal_(critic.score.bias, std=0.1)
-    critic.save_pretrained(root / "critic")
-    out["critic"] = root / "critic"
-    olmo = tiny_olmo3()
-    olmo.save_pretrained(root / "olmo3")
-    out["olmo3"] = root / "olmo3"
-    cfg = olmo.config
-    cfg.num_labels = 1
-    torch.manual_seed(4)
-    critic = AutoModelForTokenClassification.from_config(cfg)  # tempo's Olmo3ForTokenClassification
-    with torch.no_grad():
-        critic.model.load_state_dict(olmo.model.state_dict())
-        torch.nn.init.normal_(critic.score.weight, std=0.1)
-        torch.nn.init.normal_(critic.score.bias, std=0.1)
-    critic.save_pretrained(root / "olmo3_critic")
-    out["olmo3_critic"] = root / "olmo3_critic"
-    out["root"] = root
-    return out
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300, worker: str = WORKER.name) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER.with_name(worker)), *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
 
 def launch(ckpts, name: str, nproc: int, *args: str) -> dict:
     out = ckpts["root"] / f"{name}.pt"
     torchrun(nproc, "--policy", *(str(ckpts[p]) for p in POLICIES), "--critic", *(str(ckpts[c]) for c in CRITICS),
-             "--out", str(out), *args)
+             "--out", str(out), *args, worker=WORKER)
     return torch.load(out, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def one_process(ckpts) -> dict:
     """TP=1 megatron (recomputing activations or not) and the HF backend, same batch, same steps."""
-    return launch(ckpts, "one", 1, "--layouts", "1,1", "1,1,selective", "1,1,full", "1,1,bf16", "--reference")
+    return launch(ckpts, "one", 1, "--layouts", "1,1", "1,1,selective", "1,1,full", "1,1,bf16", "1,1,offload",
+                  "--reference")
 
 
 @pytest.fixture(scope="module")
@@ -129,24 +59,6 @@ def two_processes(ckpts) -> dict:
     """TP=2, PP=2, DP=2 and TP=2 with SP on two processes; models saved; export in many small buckets."""
     return launch(ckpts, "two", 2, "--layouts", "2,1", "1,2", "1,1", "2,1,sp", "--save", str(ckpts["root"] / "saved"),
                   "--bucket-bytes", "65536")
-
-
-def assert_same_run(got: dict, ref: dict, tol: float = TOL) -> None:
-    # Padding columns are never read; under a sliding window some have no key to attend to,
-    # and each implementation fills those rows its own way.
-    valid = token_batch().response_mask.bool()
-    for part in ("policy_infer", "critic_infer", "policy_infer_after"):
-        for key in ref[part]:
-            diff = (got[part][key] - ref[part][key])[valid].abs().max().item()
-            assert diff < tol, f"{part}/{key} differs by {diff}"
-    for part in ("policy_step", "critic_step"):
-        for key, value in ref[part].items():
-            assert got[part][key] == pytest.approx(value, rel=tol, abs=tol), f"{part}/{key}"
-    for part in ("policy_weights", "critic_weights"):
-        assert set(got[part]) == set(ref[part])
-        for name, value in ref[part].items():
-            diff = (got[part][name] - value).abs().max().item()
-            assert diff < tol, f"{part}/{name} differs by {diff} after one step"
 
 
 # -- weight mapping (in process) --------------------------------------------------------------
@@ -280,6 +192,15 @@ def test_bf16_weights_step_fp32_masters(one_process, policy):
         diff = (bf16["policy_weights"][name].float() - value).abs().max().item()
         assert diff <= 0.01 * value.abs().max().item() + 1e-3, name
     assert bf16["policy_step"]["loss"] == pytest.approx(fp32["policy_step"]["loss"], rel=0.05, abs=0.02)
+
+
+@pytest.mark.parametrize("policy", [0, 2])
+def test_offloaded_masters_give_the_same_step(one_process, policy):
+    """model.cpu_offload: separate fp32 masters and AdamW state in host memory; the step is
+    the same arithmetic on other storage."""
+    offloaded, plain = one_process[f"{policy}/1x1x1,offload"], one_process[f"{policy}/1x1x1"]
+    assert offloaded["masters_apart"] and not plain["masters_apart"]
+    assert_same_run(offloaded, plain, tol=1e-7)
 
 
 def test_critic_from_policy_starts_at_zero_and_build_keeps_rng(one_process):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tempo import algorithm, checkpoint
 from tempo.errors import NonFiniteError, ResumeError
 from tempo.train import train
-from test_em_loop import micro_config, micro_model, micro_overrides, read  # noqa: F401 (fixture)
+from helpers import micro_config, micro_overrides, read
 
 STEPS = 4
 

@@ -1,9 +1,9 @@
 """Launched by tests/test_fsdp.py under torchrun: the HF backend's policy and critic, sharded
-with FSDP2 over the launched ranks (one rank: not sharded), on the fixed token batch of
+with FSDP2 over the launched ranks (one rank: not sharded unless --cpu-offload), on the fixed token batch of
 tests/torchrun_megatron.py: scores, one optimiser step of each, scores again, the full weights,
 and a saved checkpoint reloaded; rank 0 writes every number to --out.
 
-    torchrun --nproc_per_node 2 tests/torchrun_fsdp.py --policy P --critic C --out F --save DIR
+    torchrun --nproc_per_node 2 tests/torchrun_fsdp.py --policy P --critic C --out F --save DIR [--cpu-offload]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--critic", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--save", required=True)
+    p.add_argument("--cpu-offload", action="store_true")
     args = p.parse_args()
 
     from tempo.dist import init_process_group
@@ -31,9 +32,11 @@ def main() -> None:
     init_process_group()
     sharded = dist.get_world_size() > 1
     torch.manual_seed(0)
-    policy = HFModel(load_policy_module(args.policy, torch.float32), "policy", OPTIM, data_parallel=sharded)
+    sharded = sharded or args.cpu_offload  # offloading is FSDP2's, over one rank too
+    options = dict(data_parallel=sharded, cpu_offload=args.cpu_offload)
+    policy = HFModel(load_policy_module(args.policy, torch.float32), "policy", OPTIM, **options)
     critic = HFModel(load_critic_module(args.critic, torch.float32, init_from_policy=False), "critic", OPTIM,
-                     data_parallel=sharded)
+                     **options)
     res = run_steps(policy, critic, token_batch())
     # (the root unit's own weights stay gathered after a forward: its layers show the sharding)
     res["sharded"] = sharded and all(hasattr(p, "full_tensor") for p in policy.module.model.layers.parameters())

@@ -2,7 +2,7 @@
 
 For each layout (tp,pp[,option]; data parallel is what the world size leaves; option: sp for
 sequence parallelism, selective or full for activation recomputation, bf16 for bf16 weights
-with fp32 masters) it builds the policy
+with fp32 masters, offload for fp32 masters and AdamW state in host memory) it builds the policy
 and the critic from HF checkpoints, scores a fixed token batch, takes one optimiser step of
 each with a fixed loss, gathers the HF-named weights and saves both models; rank 0 writes
 every number to --out (torch.save). With --reference (one process) it also records the same
@@ -126,7 +126,7 @@ def main() -> None:
             init_parallel(layout, seed=0)
             torch.manual_seed(0)
             parts = dict(sequence_parallel=option == "sp", recompute=option if option in ("selective", "full") else "none",
-                         dtype=torch.bfloat16 if option == "bf16" else torch.float32)
+                         dtype=torch.bfloat16 if option == "bf16" else torch.float32, cpu_offload=option == "offload")
             policy = load_model(policy_path, "policy", optim=OPTIM, **parts)
             critic = load_model(critic_path, "critic", optim=OPTIM, **parts)
             if args.bucket_bytes:
@@ -138,6 +138,7 @@ def main() -> None:
                 res["zero_head_values"] = zero.infer(batch, MICRO_BATCH)["values"]
             res.update(run_steps(policy, critic, batch))
             res["masters"] = [(m.dtype, torch.equal(m.to(p.dtype), p)) for m, p in zip(policy.masters, policy.params)]
+            res["masters_apart"] = all(m is not p and m.device.type == "cpu" for m, p in zip(policy.masters, policy.params))
             name = f"{tp}x{pp}" + (f",{option}" if option else "")
             if args.save:
                 policy.save(f"{args.save}/{i}/{name}/policy")

@@ -109,14 +109,17 @@ class Scorer(torch.nn.Module):
 class HFModel(TrainableLM):
     """One HF module and its AdamW. Under torchrun (`data_parallel`) FSDP2 shards weights,
     gradients and optimiser state over every rank (each decoder layer a unit, the rest the
-    root), and the ranks split each step's micro-batches."""
+    root), and the ranks split each step's micro-batches; `cpu_offload` keeps the shards in
+    host memory (over one rank too)."""
 
     def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
                  share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False):
         assert kind in ("policy", "critic")
         self.device = process_device()  # the loop's tensors stay on the CPU; each batch moves here
-        self.module, self.kind = module.to(self.device), kind
+        # Offloaded, FSDP2 moves each unit to the GPU as it shards it, then its shard to the host:
+        # the whole fp32 model never sits on the GPU at once.
+        self.module, self.kind = (module if cpu_offload else module.to(self.device)), kind
         if recompute == "full":  # each layer's input kept, the rest recomputed in backward
             enable_recompute(module)
         # A recomputed layer would write the shared prompt's KV cache a second time; under FSDP2
@@ -125,18 +128,21 @@ class HFModel(TrainableLM):
         self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none" and not data_parallel)
         self.grad_clip, self.optim = optim.grad_clip, optim
         self.world = dist.get_world_size() if data_parallel else 1
+        self.sharded = data_parallel  # FSDP2, also over one rank (cpu_offload)
         self.rank = dist.get_rank() if data_parallel else 0
         # Mixed precision: the weights (and so AdamW's update) stay in their dtype, fp32 from
         # build: the master copy that a 1e-6 learning rate needs (bf16 would round it away);
         # matmuls run in compute_dtype (FSDP2 casts its gathered shards; one process autocasts).
-        self.autocast = compute_dtype != torch.float32 and self.world == 1
+        self.autocast = compute_dtype != torch.float32 and not data_parallel
         self.compute_dtype = compute_dtype
-        if self.world > 1:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if data_parallel:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
             mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-            units = [fully_shard(layer, mp_policy=mp) for layer in module.model.layers]
-            units.append(fully_shard(self.scorer, mp_policy=mp))
+            # offloaded: sharded weights, gradients and AdamW state in (pinned) host memory
+            offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+            units = [fully_shard(layer, mp_policy=mp, offload_policy=offload) for layer in module.model.layers]
+            units.append(fully_shard(self.scorer, mp_policy=mp, offload_policy=offload))
             for unit in units:
                 # The loop's micro-batch losses are shares of the mini-batch loss: sum, do not
                 # average (as plain SUMs: gloo has no pre-scaled sum).
@@ -216,13 +222,13 @@ class HFModel(TrainableLM):
             yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
     def _optimizer_file(self, path: str) -> Path:
-        return Path(path) / (OPTIMIZER_FILE if self.world == 1 else f"optimizer_rank{self.rank}.pt")
+        return Path(path) / (f"optimizer_rank{self.rank}.pt" if self.sharded else OPTIMIZER_FILE)
 
     def save(self, path: str) -> None:
         """HF layout (rank 0) and the optimiser state (each rank its shard). Under FSDP2 the full
         weights are gathered tensor by tensor into rank 0's CPU memory (the other ranks get an
         empty dict): the whole fp32 model on every rank's GPU would not fit beside training."""
-        if self.world > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             weights = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
@@ -239,4 +245,4 @@ class HFModel(TrainableLM):
     def load_optimizer(self, path: str) -> None:
         file = self._optimizer_file(path)
         if file.is_file():
-            self.optimizer.load_state_dict(torch.load(file, weights_only=self.world == 1))  # DTensor state otherwise
+            self.optimizer.load_state_dict(torch.load(file, weights_only=not self.sharded))  # DTensor state otherwise

@@ -231,7 +231,7 @@ class HFCheckpoint:
 
 class MegatronModel(TrainableLM):
     def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, optim: Optim, temperature: float = 1.0,
-                 sequence_parallel: bool = False, recompute: str = "none"):
+                 sequence_parallel: bool = False, recompute: str = "none", cpu_offload: bool = False):
         assert kind in ("policy", "critic")
         self.hf_config, self.kind = hf_config, kind
         self.shape = s = ModelShape.from_hf(hf_config)
@@ -260,9 +260,12 @@ class MegatronModel(TrainableLM):
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         # Mixed precision as megatron's optimiser does it: bf16 weights compute, AdamW steps fp32
         # master copies (a 1e-6 learning rate is below bf16's resolution of most weights) and
-        # copies them back; fp32 weights are their own masters.
-        self.masters = self.params if dtype == torch.float32 else [
-            torch.nn.Parameter(torch.empty_like(p, dtype=torch.float32)) for p in self.params]
+        # copies them back; fp32 weights are their own masters. cpu_offload: the masters, and so
+        # AdamW's moments and step, live in host memory (12 of the 16 bytes a parameter costs).
+        pin = cpu_offload and torch.cuda.is_available()  # pinned: the copies run at full PCIe speed
+        self.masters = self.params if dtype == torch.float32 and not cpu_offload else [
+            torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32, pin_memory=pin,
+                                           device="cpu" if cpu_offload else p.device)) for p in self.params]
         self.optimizer = torch.optim.AdamW(self.masters, lr=optim.lr, weight_decay=optim.weight_decay,
                                            betas=optim.betas, eps=optim.eps)
 
@@ -491,8 +494,8 @@ class MegatronModel(TrainableLM):
         coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         for master, p in zip(self.masters, self.params):
             if master is not p:  # the fp32 master takes the gradient, scaled in fp32
-                master.grad, p.grad = p.grad.float(), None
-            master.grad.mul_(coef)
+                master.grad, p.grad = p.grad.to(master.device, torch.float32), None
+            master.grad.mul_(coef.to(master.device))
         return float(norm)
 
     def _mean_stats(self, stats: list[dict[str, float]], count: int) -> dict[str, float]:
