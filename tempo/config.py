@@ -135,7 +135,7 @@ class AlgorithmConfig:
     method: str = key("tempo", "see tempo.methods.METHODS")
     policy_loss: str = key("gspo", "gspo | ppo")
     clip_low: float = key(3e-4, "GSPO/PPO ratio clip below 1")
-    clip_high: float = key(4e-4, "GSPO/PPO ratio clip above 1")
+    clip_high: float = key(5e-4, "GSPO/PPO ratio clip above 1 (the authors' 5e-4)")
     loss_agg: str = key("seq-mean-token-mean",
         "token-mean | seq-mean-token-sum | seq-mean-token-mean (policy and value loss)")
     cliprange_value: float = key(0.1,
@@ -219,6 +219,8 @@ class Stage1Config:
     critic_batch: int = key(64, "rows per critic optimiser step")
     critic_lr: float = key(1e-3, "the stage-1 fit's AdamW learning rate")
     critic_decay: bool = key(False, "the fit's learning rate falls linearly to zero over critic_epochs passes")
+    critic_restarts: int = key(0,
+        "rounds of critic_epochs more passes (each decaying afresh) while the target AUROC is not reached")
     steps: int = key(0, "RLVR steps after the critic's training (policy and critic)")
 
 

@@ -75,6 +75,8 @@ class Arch:
 KNOWN: dict[str, dict] = {
     "allenai/Olmo-3-1025-7B": dict(model_type="olmo3", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=100278),
+    "Qwen/Qwen3-8B": dict(model_type="qwen3", num_hidden_layers=36, hidden_size=4096, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936),
     "Qwen/Qwen3-14B": dict(model_type="qwen3", num_hidden_layers=40, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
                            head_dim=128, intermediate_size=17408, vocab_size=151936),
 }

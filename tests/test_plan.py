@@ -103,3 +103,21 @@ def test_paper_configs_validate_and_batch_as_the_authors(name):
     assert cfg.algorithm.e_step_rows == ("masked" if name.startswith("tempo") else "labeled")
     assert cfg.algorithm.method == {"tempo_qwen3_14b_aime": "tempo"}.get(name, "empo" if name.startswith("empo")
                                                                           else "tempo-fixed-critic")
+    assert cfg.train.shuffle_minibatches is False and cfg.model.cpu_offload  # verl's split, offload=True
+    cfg.model.critic_path = ""  # the self-critic: the policy's architecture
+    result = plan(cfg, 4 if name == "empo_qwen3_8b" else 8, 80)  # the script's world size, H100s
+    assert result.fits, result.reason()
+
+
+def test_offload_and_a_frozen_critic_shrink_the_plan():
+    def states(*extra):
+        result = plan(load_config("configs/olmo3_7b_h100.yaml", list(extra)), 8, 80)
+        return {label.split()[0]: size for label, size in result.rows[:2]}, result
+
+    plain, _ = states()
+    frozen, _ = states("algorithm.method=tempo-fixed-critic")
+    offloaded, result = states("model.cpu_offload=true")
+    assert frozen["policy"] == plain["policy"] and frozen["critic"] == pytest.approx(plain["critic"] / 4)
+    assert offloaded["policy"] < plain["policy"] / 4 and any("host memory" in n for n in result.notes)
+    megatron = {o: plan(megatron_config(f"model.cpu_offload={o}"), 16, 80).rows[0][1] for o in ("false", "true")}
+    assert megatron["true"] == pytest.approx(megatron["false"] * 4 / 16)  # bf16 weights + grads of 16 bytes
