@@ -219,8 +219,6 @@ class Stage1Config:
     critic_batch: int = key(64, "rows per critic optimiser step")
     critic_lr: float = key(1e-3, "the stage-1 fit's AdamW learning rate")
     critic_decay: bool = key(False, "the fit's learning rate falls linearly to zero over critic_epochs passes")
-    critic_restarts: int = key(0,
-        "rounds of critic_epochs more passes (each decaying afresh) while the target AUROC is not reached")
     steps: int = key(0, "RLVR steps after the critic's training (policy and critic)")
 
 

@@ -416,8 +416,7 @@ class EMTrainer:
         does not lower their value loss by 0.5%, or after `s.critic_epochs` passes. One flat
         pass is no reason to stop: the step-by-step check the critic must learn can appear
         after a plateau. With `s.critic_decay` the learning rate falls linearly to zero over
-        those passes; `s.critic_restarts` more rounds of as many passes, each decaying afresh,
-        follow when the target is not reached."""
+        those passes."""
         epochs, batch_rows, validation = s.critic_epochs, s.critic_batch, s.critic_validation
         n = s.critic_samples or self.cfg.rollout.n
         rollouts, grades = self._roll(problems, n)
@@ -442,18 +441,17 @@ class EMTrainer:
         out = {"rows": float(len(fit)), "accuracy": float(returns.gt(0).float().mean()), "epochs": 0.0}
         best, flat, started = float("inf"), 0, time.perf_counter()
         shown, steps = started, -(-len(fit) // batch_rows)
-        total = epochs * (1 + s.critic_restarts)
-        for epoch in range(1, total + 1):
-            losses, within = [], (epoch - 1) % epochs  # the pass within its round: each round decays afresh
+        for epoch in range(1, epochs + 1):
+            losses = []
             for mini in self._mini_batches(fit, 1, batch_rows, agg):
-                scale = 1.0 - (within * steps + len(losses)) / (epochs * steps) if s.critic_decay else 1.0
+                scale = 1.0 - ((epoch - 1) * steps + len(losses)) / (epochs * steps) if s.critic_decay else 1.0
                 losses.append(self.critic.train_step(mini.split(micro), loss_fn, scale)["value_loss"])
                 if time.perf_counter() - shown > 30:  # a pass takes minutes on a CPU
                     shown = time.perf_counter()
                     log.info("stage 1 critic pass %d: %d of %d updates, value loss %.4f, %.0fs", epoch, len(losses),
                              steps, sum(losses[-50:]) / len(losses[-50:]), shown - started)
             out |= {"epochs": float(epoch), "value_loss": sum(losses) / len(losses)}
-            line = f"stage 1 critic pass {epoch} (at most {total}): value loss {out['value_loss']:.4f}"
+            line = f"stage 1 critic pass {epoch} (at most {epochs}): value loss {out['value_loss']:.4f}"
             if held:
                 out["validation_loss"], out["validation_auroc"] = validate()
                 line += f", held-out pool questions: value loss {out['validation_loss']:.4f}, AUROC {out['validation_auroc']:.3f}"

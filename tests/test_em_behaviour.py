@@ -307,7 +307,6 @@ def test_drift_stats_by_hand():
 
 @pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
                                       "stage1.critic_epochs=9", "stage1.critic_samples=3", "stage1.critic_decay=false",
-                                      "stage1.critic_restarts=1",
                                       "stage1.critic_target_auroc=0.9", "train.critic_weight_decay=0.2",
                                       "base_model.hidden_size=32", "model.critic_path=/elsewhere", "train.seed=3"])
 def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):

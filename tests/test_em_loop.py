@@ -190,28 +190,6 @@ def test_stage1_critic_stops_on_its_held_out_questions_and_reports_it(tmp_path, 
     assert "validation_auroc" in fit and fit["validation_loss"] > 0  # (AUROC NaN: the micro model is never right)
 
 
-def test_stage1_critic_restarts_its_decay_for_more_rounds(tmp_path, micro_model, monkeypatch):
-    from tempo.models.hf import HFModel
-
-    scales = []
-    step = HFModel.train_step
-
-    def record(self, micro_batches, loss_fn, lr_scale=1.0):
-        scales.append(lr_scale)
-        return step(self, micro_batches, loss_fn, lr_scale)
-
-    monkeypatch.setattr(HFModel, "train_step", record)
-    cfg = micro_config(tmp_path, micro_model, "train.steps=0", "task.num_stage1=8", "stage1.steps=0",
-                       "stage1.critic_epochs=2", "stage1.critic_restarts=1", "stage1.critic_batch=16",
-                       "stage1.critic_decay=true")
-    train(cfg)
-    (built,) = (tmp_path / "cache").glob("stage1-*/build.json")
-    assert json.loads(built.read_text())["epochs"] == 4  # no held-out questions: every pass of both rounds runs
-    per_pass = len(scales) // 4
-    first, second = scales[:2 * per_pass], scales[2 * per_pass:]
-    assert first == second and first[0] == 1.0 and first == sorted(first, reverse=True)
-
-
 def test_stage1_critic_stops_when_its_held_out_auroc_reaches_the_target(tmp_path, boxed_writer):
     # The writer answers a random digit, right about 1 time in 7: the AUROC is a number.
     def fit(target):
