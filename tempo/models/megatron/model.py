@@ -491,11 +491,12 @@ class MegatronModel(TrainableLM):
         if self.tp * self.pp > 1:
             dist.all_reduce(sq, group=ps.get_model_parallel_group())
         norm = sq.sqrt()
-        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        # one copy of the factor where the masters live (host-offloaded: not one sync a parameter)
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0).to(self.masters[0].device)
         for master, p in zip(self.masters, self.params):
             if master is not p:  # the fp32 master takes the gradient, scaled in fp32
                 master.grad, p.grad = p.grad.to(master.device, torch.float32), None
-            master.grad.mul_(coef.to(master.device))
+            master.grad.mul_(coef)
         return float(norm)
 
     def _mean_stats(self, stats: list[dict[str, float]], count: int) -> dict[str, float]:
