@@ -17,16 +17,16 @@ from pathlib import Path
 from tempo.config import Config, save_config, validate
 from tempo.errors import ConfigError
 from tempo.logger import read_metrics
-from tempo.report import evals, plot_curves
+from tempo.report import plot_curves
 from tempo.train import train
 
 KEYS = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_unlabeled")
 DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct")
 
 
-def _drift(run_dir: Path, step: int, last: int = 5) -> dict:
+def _drift(records: list[dict], step: int, last: int = 5) -> dict:
     """Drift monitor averaged over the `last` training steps up to `step` (missing values skipped)."""
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "train" and r["step"] <= step][-last:]
+    rows = [r for r in records if r["phase"] == "train" and r["step"] <= step][-last:]
     out = {}
     for key in DRIFT:
         vals = [r[key] for r in rows if r.get(key) is not None]
@@ -60,7 +60,7 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    runs: dict[str, list[Path]] = {}
+    runs: dict[str, list[list[dict]]] = {}  # each run's metrics.jsonl records
     series: dict[str, list[list[dict]]] = {}
     minutes = {}
     for method in methods:
@@ -73,8 +73,8 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
             run_cfg.run.out_dir = str(out_dir / method / f"seed{seed}")
             validate(run_cfg)
             train(run_cfg)
-            runs[method].append(Path(run_cfg.run.out_dir))
-            series[method].append(evals(runs[method][-1]))
+            runs[method].append(read_metrics(Path(run_cfg.run.out_dir) / "metrics.jsonl"))
+            series[method].append([r for r in runs[method][-1] if r["phase"] == "eval"])
         minutes[method] = (time.time() - started) / 60
     base = [rows[0] for rows in series[methods[0]]]
     plot_curves(series, out_dir / "comparison.png", keys=("mean@k", "pass@k", "maj@k", "distinct_answers"))
