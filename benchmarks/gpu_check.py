@@ -234,7 +234,7 @@ def vllm_parity(model: Path, smoke: bool) -> dict:
     cfg.algorithm.method = "ttrl"
     models = build_models(cfg, str(model), None, need_critic=False)
     trainer = EMTrainer(cfg, models, build_splits(cfg))
-    prompts = models.prompt_texts(trainer.unlabeled.take(cfg.train.prompts_per_step), cfg.data.template)
+    prompts = models.prompt_texts(trainer.collector.unlabeled.take(cfg.train.prompts_per_step), cfg.data.template)
     start = time.perf_counter()
     rollouts = models.engine.generate(prompts, cfg.rollout.n)
     gen_s = time.perf_counter() - start

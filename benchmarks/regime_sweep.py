@@ -56,6 +56,14 @@ def row(setting: str, seed: int, config: str, extra: list[str]) -> dict:
                 "du_mean": base["mean@k"]}
 
 
+def passes(fit: dict) -> str:
+    """Stage 1's critic passes (held-out pool AUROC), and those of a first fit it started over from."""
+    text = f"{fit.get('epochs', 0):.0f} ({fit.get('validation_auroc', 0):.3f})"
+    if "first_fit" in fit:
+        text += f" after a first fit's {passes(fit['first_fit'])} and a restart at stage1.critic_retry_lr"
+    return text
+
+
 def table(rows: list[dict], tolerance: float) -> str:
     lines = ["| setting | seed | SFT steps | held-out loss − floor | verifier steps | stage-1 passes (pool AUROC) "
              "| critic AUROC | maj@8 − mean@8 (points) | held-out mean@8 | regime | minutes |", "|---" * 11 + "|"]
@@ -65,7 +73,7 @@ def table(rows: list[dict], tolerance: float) -> str:
             continue
         gap, ok = r["sft"]["heldout_loss"] - r["sft"]["floor"], r["auroc"] >= 0.80 and r["vote_gain"] >= 0.05
         lines.append(f"| {r['setting']} | {r['seed']} | {r['sft']['steps']} | {gap:.4f} (floor {r['sft']['floor']:.4f}) "
-                     f"| {r['verifier']['steps']} | {r['stage1'].get('epochs', 0):.0f} ({r['stage1'].get('validation_auroc', 0):.3f}) "
+                     f"| {r['verifier']['steps']} | {passes(r['stage1'])} "
                      f"| {r['auroc']:.3f} "
                      f"| {100 * r['vote_gain']:+.1f} | {r['heldout_mean']:.3f} | {'passes' if ok else 'FAILS'} "
                      f"| {r['minutes']:.1f} |")

@@ -69,34 +69,22 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
             raise ConfigError(f"model.{key}: no Hugging Face checkpoint at {path}")
     from tempo.models.hf import load_policy_module
 
-    dtype, t, share = DTYPES[cfg.model.dtype], cfg.train, cfg.model.share_prompts
-    fsdp = cfg.model.backend == "hf" and (launched_world_size() > 1 or cfg.model.cpu_offload)
-    critic_source = critic_path or policy_path
-    new_head = need_critic and not has_value_head(critic_source)
+    dtype, t, share, fsdp = DTYPES[cfg.model.dtype], cfg.train, cfg.model.share_prompts, _fsdp(cfg)
     if cfg.model.backend == "megatron":
         from tempo.models.megatron.model import init_parallel_for, load_model
 
         init_parallel_for([path for path in given.values() if path], cfg.model.tensor_parallel,
                           cfg.model.pipeline_parallel, t.seed)
-        layout = dict(dtype=dtype, sequence_parallel=cfg.model.sequence_parallel, recompute=cfg.model.recompute,
-                      cpu_offload=cfg.model.cpu_offload)
         policy = load_model(policy_path, "policy", optim=t.optim("policy"), temperature=cfg.rollout.temperature,
-                            **layout)
-        critic = load_model(critic_source, "critic", init_from_policy=new_head, optim=t.optim("critic"),
-                            **layout) if need_critic else None
+                            **_megatron_layout(cfg))
     else:
-        from tempo.models.hf import HFModel, load_critic_module
+        from tempo.models.hf import HFModel
 
         if fsdp:  # FSDP2 over every rank
             init_process_group()
-        # Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype.
-        options = dict(share_prompts=share, recompute=cfg.model.recompute, data_parallel=fsdp,
-                       compute_dtype=dtype, cpu_offload=cfg.model.cpu_offload)
-        attn = cfg.model.attn_implementation
-        policy = HFModel(load_policy_module(policy_path, torch.float32, attn), "policy", t.optim("policy"),
-                         temperature=cfg.rollout.temperature, **options)
-        critic = HFModel(load_critic_module(critic_source, torch.float32, init_from_policy=new_head, attn=attn),
-                         "critic", t.optim("critic"), **options) if need_critic else None
+        policy = HFModel(load_policy_module(policy_path, torch.float32, cfg.model.attn_implementation), "policy",
+                         t.optim("policy"), temperature=cfg.rollout.temperature, **_hf_options(cfg))
+    critic = build_critic(cfg, policy_path, critic_path) if need_critic else None
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     engine: RolloutEngine
     if cfg.rollout.engine == "vllm":  # vLLM holds its own copy of the policy, refreshed every M-step
@@ -121,3 +109,35 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
 
         engine = DataParallelRollout(engine, tokenizer.pad_token_id, replicas)
     return Models(policy, critic, engine, tokenizer)
+
+
+def build_critic(cfg: Config, policy_path: str, critic_path: str | None) -> TrainableLM:
+    """The critic (a checkpoint, or a new value head on the policy's trunk) with a fresh
+    optimiser at the config's critic learning rate: build_models' own, or one to fit anew."""
+    source = critic_path or policy_path
+    new_head = not has_value_head(source)
+    if cfg.model.backend == "megatron":
+        from tempo.models.megatron.model import load_model
+
+        return load_model(source, "critic", init_from_policy=new_head, optim=cfg.train.optim("critic"),
+                          **_megatron_layout(cfg))
+    from tempo.models.hf import HFModel, load_critic_module
+
+    module = load_critic_module(source, torch.float32, init_from_policy=new_head, attn=cfg.model.attn_implementation)
+    return HFModel(module, "critic", cfg.train.optim("critic"), **_hf_options(cfg))
+
+
+def _fsdp(cfg: Config) -> bool:
+    """The HF backend shards with FSDP2 under torchrun, and to offload to the host."""
+    return cfg.model.backend == "hf" and (launched_world_size() > 1 or cfg.model.cpu_offload)
+
+
+def _megatron_layout(cfg: Config) -> dict:
+    return dict(dtype=DTYPES[cfg.model.dtype], sequence_parallel=cfg.model.sequence_parallel,
+                recompute=cfg.model.recompute, cpu_offload=cfg.model.cpu_offload)
+
+
+def _hf_options(cfg: Config) -> dict:
+    """Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype."""
+    return dict(share_prompts=cfg.model.share_prompts, recompute=cfg.model.recompute, data_parallel=_fsdp(cfg),
+                compute_dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.model.cpu_offload)

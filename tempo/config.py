@@ -219,6 +219,10 @@ class Stage1Config:
     critic_batch: int = key(64, "rows per critic optimiser step")
     critic_lr: float = key(1e-3, "the stage-1 fit's AdamW learning rate")
     critic_decay: bool = key(False, "the fit's learning rate falls linearly to zero over critic_epochs passes")
+    critic_retry_lr: float = key(0.0,
+        "a fit whose held-out AUROC ends under critic_retry_below starts once more from the critic's trunk, on the "
+        "same rollouts, at this learning rate (0: never)")
+    critic_retry_below: float = key(0.8, "the held-out AUROC under which the fit starts over (critic_retry_lr)")
     steps: int = key(0, "RLVR steps after the critic's training (policy and critic)")
 
 
@@ -428,6 +432,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stage1.critic_samples: must be 0 (rollout.n) or more")
     if not 0 <= cfg.stage1.critic_target_auroc <= 1:
         raise ConfigError("stage1.critic_target_auroc: must be in [0, 1]")
+    if not 0 <= cfg.stage1.critic_retry_below <= 1:
+        raise ConfigError("stage1.critic_retry_below: must be in [0, 1]")
+    if cfg.stage1.critic_retry_lr < 0:
+        raise ConfigError("stage1.critic_retry_lr: must be 0 (no retry) or more")
 
 
 def to_dict(cfg: Config) -> dict:

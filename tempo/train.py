@@ -1,38 +1,26 @@
 """A whole run: base model, stage 1 (on its own labeled data, cached), the EM loop, evaluation, checkpoints, report."""
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
-import json
 import logging
-import os
-import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from tempo import checkpoint, dist, lock
-from tempo.base_model import base_model_dir, ensure_base_model, ensure_verifier_model, publish
+from tempo.base_model import base_model_dir, ensure_base_model, ensure_verifier_model
 from tempo.build import build_models, build_splits
 from tempo.config import Config, config_diff, load_config, save_config
-from tempo.em import EMTrainer
+from tempo.em import EMTrainer, seed_everything
 from tempo.errors import ResumeError
 from tempo.logger import RunLogger
 from tempo.methods import METHODS
 from tempo.profiling import ProfileWindow
 from tempo.report import regime, write_report
-from tempo.task import TaskSplits
+from tempo.stage1 import stage1
 
 log = logging.getLogger("tempo")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def model_sources(cfg: Config) -> tuple[str, str | None]:
@@ -51,64 +39,6 @@ def model_sources(cfg: Config) -> tuple[str, str | None]:
         return str(paths[0]), str(paths[1]) if verifier else critic
     policy = ensure_base_model(task, base)
     return str(policy), str(ensure_verifier_model(task, base)) if verifier else critic
-
-
-def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
-    """Hash of every setting that shapes stage 1's models (not the EM loop's length, the
-    method, the kernel implementation or host offload, which give equal models). The methods of one seed
-    share them; each seed draws its own, so a spread over seeds includes the critic's draw."""
-    shape = {k: asdict(getattr(cfg, k)) for k in ("task", "data", "model", "rollout", "algorithm", "train", "stage1")}
-    shape["base"], shape["critic_base"] = base_path, critic_base
-    shape["model"].pop("kernels")
-    shape["model"].pop("cpu_offload")
-    shape["algorithm"].pop("method")
-    # Stage 1's batches are all labeled and its critic trains at stage1.critic_lr.
-    shape["seed"] = cfg.train.seed
-    for key in ("steps", "labeled_per_step", "critic_lr", "seed", "max_bad_steps"):
-        shape["train"].pop(key)
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def stage1(cfg: Config, base_path: str, critic_base: str | None, splits: TaskSplits) -> tuple[str, str | None]:
-    """Stage 1 on its own labeled data, cached: (policy, critic) for the EM loop.
-
-    The critic is trained first, on one roll-out of the base policy reused for several epochs,
-    so its values mean something before they steer the policy; optional RLVR steps follow.
-    """
-    s = cfg.stage1
-    if s.steps == 0 and s.critic_epochs == 0:
-        return base_path, critic_base
-    out = Path(cfg.base_model.cache_dir) / f"stage1-{stage1_key(cfg, base_path, critic_base)}"
-    if (out / "critic" / "config.json").is_file():
-        return str(out / "policy"), str(out / "critic")
-    log.info("stage 1: critic %d epochs, then %d RLVR steps -> %s", s.critic_epochs, s.steps, out)
-    s1 = copy.deepcopy(cfg)
-    s1.algorithm.method = "rlvr"  # every method starts from the same stage-1 models
-    s1.train.labeled_per_step = s1.train.prompts_per_step
-    s1.train.critic_lr = s.critic_lr
-    seed_everything(s1.train.seed)
-    models = build_models(s1, base_path, critic_base, need_critic=True)
-    # Stage 1 trains on its own labeled data (the pre-test-time RL set), not on D_L.
-    trainer = EMTrainer(s1, models, dataclasses.replace(splits, labeled=splits.stage1))
-    if s.critic_epochs:
-        pool = splits.stage1[: s.critic_prompts or None]
-        fit = trainer.fit_critic(pool, s)
-        log.info("stage 1 critic: %d rows (accuracy %.3f), %d passes, value loss %.4f%s", fit["rows"], fit["accuracy"],
-                 fit["epochs"], fit["value_loss"], f", held-out pool AUROC {fit['validation_auroc']:.3f}"
-                 if "validation_auroc" in fit else "")
-    for i in range(s.steps):
-        stats = trainer.train_step()
-        log.info("stage 1 RLVR step %d: labeled_acc %.3f%s", i + 1, stats["labeled_acc"],
-                 " (skipped: no group with both right and wrong answers)" if stats["skipped_step"] else "")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    models.policy.save(str(tmp / "policy"))  # collective under Megatron: every rank calls it
-    models.critic.save(str(tmp / "critic"))
-    if dist.is_main():
-        models.tokenizer.save_pretrained(str(tmp / "policy"))
-        (tmp / "build.json").write_text(json.dumps(fit if s.critic_epochs else {}, indent=1))
-        publish(tmp, out)
-    dist.barrier()
-    return str(out / "policy"), str(out / "critic")
 
 
 def train(cfg: Config) -> dict:

@@ -17,8 +17,9 @@ from tempo.methods import METHODS
 from tempo.models.base import TokenBatch
 from tempo.models.hf import HFModel
 from tempo.config import Optim
-from tempo.train import stage1_key, train
-from helpers import micro_config, read
+from tempo.stage1 import stage1_key
+from tempo.train import train
+from helpers import micro_config
 
 
 # -- the critic reads V(x, y_<t) --------------------------------------------------------
@@ -74,7 +75,7 @@ def trainer_for(tmp_path, policy_path, *extra, method="tempo"):
 
 def labeled_batch(trainer, returns):
     problems = trainer.splits.labeled[:2]
-    rollouts, _ = trainer._roll(problems, trainer.cfg.rollout.n)
+    rollouts, _ = trainer.collector.roll(problems, trainer.cfg.rollout.n)
     tokens = rollouts.token_batch()
     old = trainer.critic.infer(tokens, 8)["values"]
     tokens.extras = {"old_values": old, "returns": returns(len(tokens))}
@@ -228,7 +229,7 @@ def test_ttrl_votes_with_more_samples_than_it_trains_on(tmp_path, micro_model):
     trainer = trainer_for(tmp_path, micro_model, "algorithm.vote_samples=8", "rollout.n=4",
                           "train.prompts_per_step=2", method="ttrl")
     calls = record_generate_calls(trainer)
-    batch, _ = trainer.collect()
+    batch, _ = trainer.collector.collect()
     assert calls == [(2, 8)]
     assert len(batch.grades) == 2 * 4 and len(batch.self_reward) == 8
     # The reward of a trained row is its agreement with the majority of all 8 voters.
@@ -238,7 +239,7 @@ def test_ttrl_votes_with_more_samples_than_it_trains_on(tmp_path, micro_model):
 def test_tempo_rolls_labeled_and_unlabeled_prompts_in_one_call(tmp_path, micro_model):
     trainer = trainer_for(tmp_path, micro_model, "train.prompts_per_step=4", "train.labeled_per_step=2")
     calls = record_generate_calls(trainer)
-    batch, stats = trainer.collect()
+    batch, stats = trainer.collector.collect()
     assert calls == [(4, 4)] and stats["gen_batches"] == 1
     assert [p.is_labeled for p in batch.problems] == [True, True, False, False]
     assert batch.labeled_rows.tolist() == [True] * 8 + [False] * 8
@@ -248,7 +249,7 @@ def test_dropped_labeled_groups_are_refilled_in_later_calls(tmp_path, micro_mode
     trainer = trainer_for(tmp_path, micro_model, "train.prompts_per_step=4", "train.labeled_per_step=2",
                           "algorithm.filter_groups=true", "algorithm.max_gen_batches=3")
     calls = record_generate_calls(trainer)
-    batch, stats = trainer.collect()
+    batch, stats = trainer.collector.collect()
     # The first call carries both kinds; each refill only the labeled prompts still missing.
     assert calls[0] == (4, 4) and all(n == 4 and k <= 2 for k, n in calls[1:])
     assert stats["gen_batches"] == len(calls) <= 3
@@ -260,8 +261,8 @@ def test_dropped_labeled_groups_are_refilled_in_later_calls(tmp_path, micro_mode
 
 def record_draws(trainer) -> list[list]:
     """The prompts of every draw from the flagged stream, in order."""
-    draws, real = [], trainer.stream.take
-    trainer.stream.take = lambda k: draws.append(real(k)) or draws[-1]
+    draws, real = [], trainer.collector.stream.take
+    trainer.collector.stream.take = lambda k: draws.append(real(k)) or draws[-1]
     return draws
 
 
@@ -270,7 +271,7 @@ def test_flagged_mixing_refills_by_whole_batches_and_cuts_to_the_batch_size(tmp_
     trainer = trainer_for(tmp_path, micro_model, "train.mixing=flagged", "train.prompts_per_step=4",
                           "algorithm.filter_groups=true", "algorithm.max_gen_batches=8")
     draws = record_draws(trainer)
-    batch, stats = trainer.collect()
+    batch, stats = trainer.collector.collect()
     assert all(len(d) == 4 for d in draws) and stats["gen_batches"] == len(draws)
     drawn = [p for d in draws for p in d]
     kept = [p for p in drawn if not p.is_labeled]
@@ -285,7 +286,7 @@ def test_flagged_mixing_stops_with_one_line_when_the_refills_run_out(tmp_path, m
                           "task.num_unlabeled=1", "algorithm.filter_groups=true", "algorithm.max_gen_batches=2")
     with pytest.raises(RefillError, match=r"algorithm.max_gen_batches: 2 generation batches kept [0-2] of "
                                           r"train.prompts_per_step=4 prompts"):
-        trainer.collect()
+        trainer.collector.collect()
 
 
 def test_drift_stats_by_hand():
@@ -308,6 +309,7 @@ def test_drift_stats_by_hand():
 @pytest.mark.parametrize("override", ["stage1.critic_lr=0.5", "algorithm.cliprange_value=0.3",
                                       "stage1.critic_epochs=9", "stage1.critic_samples=3", "stage1.critic_decay=false",
                                       "stage1.critic_target_auroc=0.9", "train.critic_weight_decay=0.2",
+                                      "stage1.critic_retry_lr=0.001", "stage1.critic_retry_below=0.7",
                                       "base_model.hidden_size=32", "model.critic_path=/elsewhere", "train.seed=3"])
 def test_stage1_key_changes_with_every_critic_setting(tmp_path, override):
     from tempo.config import load_config
@@ -355,7 +357,7 @@ def test_on_policy_m_step_without_a_scoring_pass_moves_the_policy_the_same(tmp_p
     params = []
     for skip in (True, False):
         trainer = trainer_for(tmp_path / str(skip), micro_model, "train.mini_batches=1", "train.micro_batch_size=64")
-        rollouts, _ = trainer._roll(trainer.splits.unlabeled[:2], trainer.cfg.rollout.n)
+        rollouts, _ = trainer.collector.roll(trainer.splits.unlabeled[:2], trainer.cfg.rollout.n)
         tokens = rollouts.token_batch()
         adv = torch.linspace(-1, 1, len(tokens))[:, None].expand_as(tokens.response_mask).contiguous()
         tokens.extras = {"advantages": adv}

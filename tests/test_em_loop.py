@@ -206,6 +206,27 @@ def test_stage1_critic_stops_when_its_held_out_auroc_reaches_the_target(tmp_path
     assert reached["rows"] == (40 - 24) * 3  # stage1.critic_samples responses a question, not rollout.n
 
 
+def test_stage1_critic_under_the_retry_auroc_starts_over_from_its_trunk_at_the_retry_rate(tmp_path, boxed_writer):
+    """A fit that ends under stage1.critic_retry_below is the fit a fresh critic at
+    stage1.critic_retry_lr makes on the same rollouts; the first one is reported beside it."""
+    def fit(name, *overrides):
+        cfg = micro_config(tmp_path / name, boxed_writer, "train.steps=0", "task.num_stage1=40", "task.modulus=7",
+                           "stage1.steps=0", "stage1.critic_epochs=1", "stage1.critic_samples=3",
+                           "stage1.critic_validation=24", "stage1.critic_batch=8", *overrides)
+        train(cfg)
+        (built,) = (tmp_path / name / "cache").glob("stage1-*/build.json")
+        return json.loads(built.read_text())
+
+    retried = fit("retried", "stage1.critic_lr=0.02", "stage1.critic_retry_lr=0.001", "stage1.critic_retry_below=1")
+    fresh = fit("fresh", "stage1.critic_lr=0.001")
+    first = fit("first", "stage1.critic_lr=0.02")
+    assert retried["first_fit"] == first
+    assert {k: v for k, v in retried.items() if k != "first_fit"} == fresh
+    assert fresh["validation_loss"] != first["validation_loss"]
+    assert "first_fit" not in fit("passed", "stage1.critic_lr=0.02", "stage1.critic_retry_lr=0.001",
+                                  "stage1.critic_retry_below=0")
+
+
 def test_regime_check_reads_the_held_out_slice():
     from tempo.report import regime
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import tempo_kernels
 from tempo.config import Optim
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, has_value_head
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
 from tempo.models.megatron import convert
 from tempo.models.megatron.convert import ModelShape
 from tempo.models.megatron.layers import block_spec
