@@ -109,12 +109,10 @@ def _dist_version(name):
 
 def run_tests(out: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "test_kernels.py", "-q", "-p", "no:cacheprovider"]
-    env = dict(os.environ)
-    env.pop("TEMPO_KERNELS", None)
     t = time.time()
     try:
         # run from tests/ so that the repo root is not put first on sys.path (it would shadow names)
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT / "tests"), env=env, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT / "tests"), timeout=timeout)
         text, rc = p.stdout + p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
         text, rc = f"timeout after {timeout}s\n{e.stdout or ''}", -1

@@ -3,8 +3,8 @@
 Installed as `tempo_kernels`; independent of the `tempo` package (never imports it).
 
 The trainer calls the dispatch functions below. Each runs Triton on CUDA tensors and a
-PyTorch path on CPU tensors; ``TEMPO_KERNELS=triton|torch|reference`` forces one (see
-`tempo_kernels._common`). The references, the explicit paths and the tensor-parallel
+PyTorch path on CPU tensors; its ``backend="triton"|"torch"|"reference"`` argument forces
+one (see `tempo_kernels._common`). The references, the explicit paths and the tensor-parallel
 building blocks live in the submodules (`logprob`, `advantage`, `policy`).
 """
 from .advantage import em_token_advantage, group_advantage

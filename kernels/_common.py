@@ -3,15 +3,12 @@
 Every op has three implementations: a float64-capable *reference* (plain, materialised
 PyTorch, the ground truth of the tests), a *torch* path (memory-aware PyTorch, what runs on
 CPU) and a *triton* path (what runs on CUDA). Each op has ONE public dispatch function; it
-picks the implementation here, from the device of its inputs and the environment variable
-``TEMPO_KERNELS``:
+picks the implementation here, from the device of its inputs and its ``backend`` argument:
 
-- unset / ``auto``: CUDA tensors -> ``triton`` (when triton is importable), else ``torch``;
+- ``auto`` (the default): CUDA tensors -> ``triton`` (when triton is importable), else ``torch``;
 - ``triton``: force Triton, also on CPU tensors (needs ``TRITON_INTERPRET=1``; the tests
   use this to run the kernels in Triton's interpreter);
 - ``torch``: force the PyTorch path; ``reference``: force the reference.
-
-The variable is read at every call, so tests can switch it with ``monkeypatch.setenv``.
 """
 from __future__ import annotations
 
@@ -37,23 +34,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def backend_for(t: torch.Tensor) -> str:
+def backend_for(t: torch.Tensor, backend: str = "auto") -> str:
     """The implementation to run for inputs living where `t` lives ("triton"|"torch"|"reference")."""
-    mode = os.environ.get("TEMPO_KERNELS", "auto").strip().lower() or "auto"
-    if mode in ("reference", "ref"):
-        return "reference"
-    if mode == "torch":
-        return "torch"
-    if mode == "triton":
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    if backend in ("reference", "torch"):
+        return backend
+    if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("TEMPO_KERNELS=triton but triton is not importable")
+            raise RuntimeError("backend='triton' but triton is not importable")
         if not t.is_cuda and not interpreting():
-            raise RuntimeError(
-                "TEMPO_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (Triton interpreter)"
-            )
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton interpreter)")
         return "triton"
-    if mode != "auto":
-        raise ValueError(f"TEMPO_KERNELS={mode!r}; expected one of {BACKENDS}")
     return "triton" if (t.is_cuda and HAS_TRITON) else "torch"
 
 

@@ -107,16 +107,16 @@ def _group_advantage_triton(scores, group_ids, eps, norm_std):
 
 
 def group_advantage(
-    scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, norm_std: bool = True
+    scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, norm_std: bool = True, backend: str = "auto"
 ) -> torch.Tensor:
     """(x - mean_g) / (std_g + eps) per group (unbiased std; one-sample group -> 0);
     norm_std=False: x - mean_g. scores [N] float, group_ids [N] int64 (any values)."""
     if scores.dim() != 1 or group_ids.shape != scores.shape:
         raise ValueError("expected scores [N] and group_ids [N]")
-    backend = backend_for(scores)
-    if backend == "reference":
+    impl = backend_for(scores, backend)
+    if impl == "reference":
         return group_advantage_reference(scores, group_ids, eps, norm_std)
-    if backend == "triton" and scores.dtype != torch.float64 and scores.numel():
+    if impl == "triton" and scores.dtype != torch.float64 and scores.numel():
         return _group_advantage_triton(scores, group_ids, eps, norm_std)
     return _group_advantage_torch(scores, group_ids, eps, norm_std)
 
@@ -215,16 +215,16 @@ def _em_token_advantage_triton(terminal_reward, values, mask, eps):
 
 
 def em_token_advantage(
-    terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8
+    terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, backend: str = "auto"
 ) -> torch.Tensor:
     """A_t = R_terminal - V_t, whitened over all valid tokens of the batch (unbiased var),
     masked positions 0. terminal_reward [B], values [B, R], mask [B, R] (bool or 0/1)."""
     if values.dim() != 2 or terminal_reward.shape != values.shape[:1] or mask.shape != values.shape:
         raise ValueError("expected terminal_reward [B], values [B, R], mask [B, R]")
-    backend = backend_for(values)
-    if backend == "reference":
+    impl = backend_for(values, backend)
+    if impl == "reference":
         return em_token_advantage_reference(terminal_reward, values, mask, eps)
-    if backend == "triton" and torch.float64 not in (terminal_reward.dtype, values.dtype):
+    if impl == "triton" and torch.float64 not in (terminal_reward.dtype, values.dtype):
         return _em_token_advantage_triton(terminal_reward, values, mask, eps)
     return _em_token_advantage_torch(terminal_reward, values, mask, eps)
 

@@ -519,12 +519,12 @@ def _backward(impl, *args, **kw):
     return _torch_backward(*args, **kw)
 
 
-def _impl_for(hidden, weight) -> str:
+def _impl_for(hidden, weight, backend: str) -> str:
     """backend_for(hidden), with "triton" falling back to "torch" for float64 (no float64 tl.dot)."""
-    backend = backend_for(hidden)
-    if backend == "triton" and torch.float64 in (hidden.dtype, weight.dtype):
+    impl = backend_for(hidden, backend)
+    if impl == "triton" and torch.float64 in (hidden.dtype, weight.dtype):
         return "torch"
-    return backend
+    return impl
 
 
 def _upstream_grads(labels, lse, grad_logp, grad_entropy):
@@ -601,6 +601,7 @@ def linear_logprob(
     labels: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log pi(labels[t]) under softmax(hidden @ weight.T / temperature), and its entropy.
 
@@ -619,12 +620,12 @@ def linear_logprob(
         hidden, weight = hidden.to(dt), weight.to(dt)
     # the ops inside accumulate in fp32 on purpose: autocast must not recast them
     with torch.autocast(device_type, enabled=False):
-        backend = _impl_for(hidden, weight)
-        if backend == "reference":
+        impl = _impl_for(hidden, weight, backend)
+        if impl == "reference":
             logp, ent = linear_logprob_reference(hidden, weight, labels, temperature, with_entropy)
             out = compute_dtype(hidden, weight)
             return logp.to(out), (None if ent is None else ent.to(out))
-        if backend == "triton":
+        if impl == "triton":
             return linear_logprob_triton(hidden, weight, labels, temperature, with_entropy)
         return linear_logprob_torch(hidden, weight, labels, temperature, with_entropy)
 
@@ -639,6 +640,7 @@ def vocab_shard_stats(
     vocab_start: int,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    backend: str = "auto",
 ) -> ShardStats:
     """Partial statistics of the logits over one vocabulary shard W[vocab_start : vocab_start+Vs].
 
@@ -660,7 +662,7 @@ def vocab_shard_stats(
     and all-reduces (SUM) the returned grad_hidden; its grad_weight_shard is already complete.
     """
     labels = labels.to(torch.int64)
-    impl = _impl_for(hidden, weight_shard)  # "reference" runs the torch path here
+    impl = _impl_for(hidden, weight_shard, backend)  # "reference" runs the torch path here
     with torch.no_grad():
         return _stats(impl, hidden, weight_shard, labels, vocab_start, temperature, with_entropy)
 
@@ -675,13 +677,14 @@ def vocab_shard_grad(
     grad_logp: torch.Tensor,
     grad_entropy: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward of one vocabulary shard, given the GLOBAL lse and entropy (from the combined
     stats) and the upstream grads of logp / entropy. Returns (grad_hidden partial [T, d]
     float32 — sum it over shards —, grad_weight_shard [Vs, d] in weight_shard.dtype)."""
     labels = labels.to(torch.int64)
     gl, ge = _upstream_grads(labels, lse, grad_logp, grad_entropy)
-    impl = _impl_for(hidden, weight_shard)  # "reference" runs the torch path here
+    impl = _impl_for(hidden, weight_shard, backend)  # "reference" runs the torch path here
     with torch.no_grad():
         return _backward(impl, hidden, weight_shard, labels, vocab_start, lse, entropy, gl, ge, temperature)
 

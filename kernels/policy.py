@@ -302,16 +302,17 @@ def policy_loss(
     clip_high: float = 0.2,
     clip_c: Optional[float] = None,
     agg: str = "token-mean",
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Clipped PPO / GSPO policy loss over [B, R] tokens (see the module docstring).
 
     Returns (loss: 0-d tensor, differentiable w.r.t. logp only; stats: {"clipfrac",
     "approx_kl"} as detached 0-d tensors). float32 (float64 for float64 inputs).
     """
-    backend = backend_for(logp)
-    if backend == "reference":
+    impl = backend_for(logp, backend)
+    if impl == "reference":
         return policy_loss_reference(logp, old_logp, advantages, mask, kind, clip_low, clip_high, clip_c, agg)
-    if backend == "triton" and torch.float64 not in (logp.dtype, old_logp.dtype, advantages.dtype):
+    if impl == "triton" and torch.float64 not in (logp.dtype, old_logp.dtype, advantages.dtype):
         return policy_loss_triton(logp, old_logp, advantages, mask, kind, clip_low, clip_high, clip_c, agg)
     return policy_loss_torch(logp, old_logp, advantages, mask, kind, clip_low, clip_high, clip_c, agg)
 

@@ -1,8 +1,8 @@
 """The losses and advantages of the EM loop (TEMPO, arXiv 2604.19295), on [B, R] response tensors.
 
 Advantages and the policy loss run through the kernel dispatch (`tempo_kernels`: Triton on
-CUDA tensors, a PyTorch path on CPU, chosen by `model.kernels`); the value loss is small
-elementwise work and stays here.
+CUDA tensors, a PyTorch path on CPU; `kernels` forces one: `model.kernels`); the value loss
+is small elementwise work and stays here.
 """
 from __future__ import annotations
 
@@ -15,23 +15,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def em_token_advantage(terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def em_token_advantage(terminal_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       kernels: str = "auto") -> torch.Tensor:
     """A_t = R_T − V(x, y_<t), whitened over every valid token of the batch."""
-    return tempo_kernels.em_token_advantage(terminal_reward, values, mask)
+    return tempo_kernels.em_token_advantage(terminal_reward, values, mask, backend=kernels)
 
 
-def grpo_advantage(scores: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+def grpo_advantage(scores: torch.Tensor, n: int, mask: torch.Tensor, kernels: str = "auto") -> torch.Tensor:
     """Scores normalised within each prompt's group of n, broadcast to every token."""
     groups = torch.arange(len(scores)) // n
-    adv = tempo_kernels.group_advantage(scores, groups)
+    adv = tempo_kernels.group_advantage(scores, groups, backend=kernels)
     return adv[:, None] * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, kind: str, clip_low: float, clip_high: float,
-                agg: str):
+                agg: str, kernels: str = "auto"):
     """GSPO (sequence-level ratio) or PPO-clip; returns (loss, {"clipfrac", "approx_kl"})."""
     return tempo_kernels.policy_loss(logp, old_logp, advantages, mask, kind=kind, clip_low=clip_low,
-                                     clip_high=clip_high, agg=agg)
+                                     clip_high=clip_high, agg=agg, backend=kernels)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -5,7 +5,6 @@ or vLLM), so the EM loop never branches on the device or the backend.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +40,6 @@ def build_splits(cfg: Config) -> TaskSplits:
     return TaskSplits(labeled=labeled, unlabeled=unlabeled, heldout=heldout, stage1=stage1 or labeled)
 
 
-def select_kernels(mode: str) -> None:
-    """`model.kernels` picks the kernel implementation for the whole process (tempo_kernels
-    reads TEMPO_KERNELS at each call): auto = Triton on CUDA tensors, PyTorch on CPU."""
-    os.environ["TEMPO_KERNELS"] = mode
-
-
 @dataclass
 class Models:
     policy: TrainableLM
@@ -62,7 +55,6 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
     """Policy, critic (a checkpoint, or a value head on the policy's trunk) and rollout engine,
     on the configured backend: Hugging Face (one process, or FSDP2 under torchrun), or
     Megatron-core TP/PP/DP under torchrun."""
-    select_kernels(cfg.model.kernels)
     given = {"policy_path": policy_path, "critic_path": critic_path if need_critic else None}
     for key, path in given.items():
         if path and not (Path(path) / "config.json").is_file():
@@ -134,10 +126,10 @@ def _fsdp(cfg: Config) -> bool:
 
 def _megatron_layout(cfg: Config) -> dict:
     return dict(dtype=DTYPES[cfg.model.dtype], sequence_parallel=cfg.model.sequence_parallel,
-                recompute=cfg.model.recompute, cpu_offload=cfg.model.cpu_offload)
+                recompute=cfg.model.recompute, cpu_offload=cfg.model.cpu_offload, kernels=cfg.model.kernels)
 
 
 def _hf_options(cfg: Config) -> dict:
     """Weights stay fp32 (the optimiser's master copy); model.dtype is the compute dtype."""
     return dict(share_prompts=cfg.model.share_prompts, recompute=cfg.model.recompute, data_parallel=_fsdp(cfg),
-                compute_dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.model.cpu_offload)
+                compute_dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.model.cpu_offload, kernels=cfg.model.kernels)

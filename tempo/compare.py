@@ -3,18 +3,20 @@
 Every figure is the **final** step's, or that of fixed steps named before the run (`--at`, for
 a run's course: 1×, 2×, 4× a budget); never a step picked by D_U's hidden answers, which
 would be oracle selection. Figures are mean ± std over the seeds; the seeds vary the EM loop's
-sampling and shuffles, while stage 1 (cached) is shared.
+sampling and shuffles, while stage 1 (cached) is shared. A run that finished under the same
+config in the output folder is read, not run again: a long comparison can be run in parts.
 """
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from tempo.config import Config, save_config, validate
+from tempo.config import Config, config_diff, load_config, save_config, validate
 from tempo.errors import ConfigError
 from tempo.logger import read_metrics
 from tempo.report import plot_curves
@@ -22,6 +24,16 @@ from tempo.train import train
 
 KEYS = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_unlabeled")
 DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct")
+
+log = logging.getLogger("tempo")
+
+
+def finished(cfg: Config, run_dir: Path) -> dict | None:
+    """The summary of a run that finished in `run_dir` under `cfg`, else None."""
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()) or config_diff(load_config(saved), cfg):
+        return None
+    return json.loads(summary.read_text())
 
 
 def _drift(records: list[dict], step: int, last: int = 5) -> dict:
@@ -62,20 +74,23 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
     save_config(cfg, out_dir / "config.yaml")
     runs: dict[str, list[list[dict]]] = {}  # each run's metrics.jsonl records
     series: dict[str, list[list[dict]]] = {}
-    minutes = {}
+    minutes = {}  # each run's own wall time (stage 1 included when it built it), summed
     for method in methods:
-        runs[method], series[method] = [], []
-        started = time.time()
+        runs[method], series[method], minutes[method] = [], [], 0.0
         for seed in seeds:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.algorithm.method = method
             run_cfg.train.seed = seed
             run_cfg.run.out_dir = str(out_dir / method / f"seed{seed}")
             validate(run_cfg)
-            train(run_cfg)
+            summary = finished(run_cfg, Path(run_cfg.run.out_dir))
+            if summary is None:
+                summary = train(run_cfg)
+            else:
+                log.info("%s, seed %d: finished under this config in %s, read", method, seed, run_cfg.run.out_dir)
+            minutes[method] += summary["seconds"] / 60
             runs[method].append(read_metrics(Path(run_cfg.run.out_dir) / "metrics.jsonl"))
             series[method].append([r for r in runs[method][-1] if r["phase"] == "eval"])
-        minutes[method] = (time.time() - started) / 60
     base = [rows[0] for rows in series[methods[0]]]
     plot_curves(series, out_dir / "comparison.png", keys=("mean@k", "pass@k", "maj@k", "distinct_answers"))
     command = "tempo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("tempo") else ""

@@ -127,7 +127,8 @@ class EMTrainer:
                    scored: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's advantages; with an engine that reports its sampling log-probs, how far
         they are from the trainer's, and (`algorithm.tis_cap`) truncated importance weights."""
-        advantages = self.method.advantage.compute(reward, values, tokens.response_mask, batch.n)
+        advantages = self.method.advantage.compute(reward, values, tokens.response_mask, batch.n,
+                                                   self.cfg.model.kernels)
         engine_logp = batch.rollouts.logprobs
         if engine_logp is None:
             return advantages, {}
@@ -215,7 +216,7 @@ class EMTrainer:
             old_logp = mb.extras.get("old_logp", out["logp"].detach())  # absent: on-policy
             loss, stats = algorithm.policy_loss(out["logp"], old_logp, mb.extras["advantages"],
                                                 mb.response_mask, kind=a.policy_loss, clip_low=a.clip_low,
-                                                clip_high=a.clip_high, agg=a.loss_agg)
+                                                clip_high=a.clip_high, agg=a.loss_agg, kernels=self.cfg.model.kernels)
             if "old_logp" not in mb.extras:  # the step's entropy, as sums (their ratio survives averaging)
                 stats |= {"entropy_sum": (out["entropy"].detach() * mb.response_mask).sum(),
                           "tokens": mb.response_mask.sum()}

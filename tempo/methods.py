@@ -29,23 +29,26 @@ class UnlabeledReward:
 
 @dataclass(frozen=True)
 class Advantage:
-    compute: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, int], torch.Tensor]  # (R, V, mask, n)
+    # (R, V, mask, n, kernels: the tempo_kernels implementation) -> [B, R]
+    compute: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, int, str], torch.Tensor]
     wrong: float  # the verified reward of a wrong labeled answer
     uses_values: bool  # reads the critic's per-token values V
 
 
-def em_token(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
-    return algorithm.em_token_advantage(reward, values, mask)
+def em_token(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int,
+             kernels: str) -> torch.Tensor:
+    return algorithm.em_token_advantage(reward, values, mask, kernels)
 
 
-def grpo(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
-    return algorithm.grpo_advantage(reward, n, mask)
+def grpo(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int, kernels: str) -> torch.Tensor:
+    return algorithm.grpo_advantage(reward, n, mask, kernels)
 
 
-def em_outcome(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int) -> torch.Tensor:
+def em_outcome(reward: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, n: int,
+               kernels: str) -> torch.Tensor:
     """The authors' `em` estimator: the terminal reward (a critic value clamped to [−1, 1] on
     unlabeled rows) normalised within its group, as GRPO, with no per-token baseline."""
-    return algorithm.grpo_advantage(reward.clamp(-1.0, 1.0), n, mask)
+    return algorithm.grpo_advantage(reward.clamp(-1.0, 1.0), n, mask, kernels)
 
 
 # em_token regresses toward R ∈ {+1, −1}; TTRL's and EMPO's scores are in [0, 1].

@@ -108,7 +108,8 @@ def write_report(run_dir: Path, method: str, seconds: float, chance: dict[str, f
     text = (f"# {method}: {run_dir}\n\n{regime(summary['base'])}\n\n{table}\n\n"
             f"D_U mean@k change, base to final: {gain:+.1f} points; wall clock {seconds / 60:.1f} min.\n")
     (run_dir / "summary.md").write_text(text)
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=1))
+    summary["seconds"] = seconds
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_curves({method: [rows]}, run_dir / "curves.png", chance=chance)
     print(text)
     return summary

@@ -79,7 +79,7 @@ def test_em_outcome_advantage_is_the_authors():
 
     reward = torch.tensor([1.0, -1.0, 1.0, 1.0, 0.3, 1.7, -2.0, 0.3], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0]] * 8, dtype=torch.float64)
-    adv = METHODS["tempo-outcome"].advantage.compute(reward, None, mask, 4)
+    adv = METHODS["tempo-outcome"].advantage.compute(reward, None, mask, 4, "auto")
     expected = []
     for group in reward.clamp(-1, 1).view(2, 4):
         expected += ((group - group.mean()) / (group.std() + 1e-6)).tolist()

@@ -79,7 +79,6 @@ def test_fused_ops_match_the_references_in_the_loop(tmp_path, micro_model, monke
     same metrics as with the materialised float references."""
     kinds = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     runs = {k: first_step(tmp_path, micro_model, k) for k in kinds}
-    monkeypatch.delenv("TEMPO_KERNELS", raising=False)
     ref = runs["reference"]
     for kind in kinds[1:]:
         for row_ref, row in zip(ref, runs[kind], strict=True):
@@ -89,6 +88,26 @@ def test_fused_ops_match_the_references_in_the_loop(tmp_path, micro_model, monke
                     assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (kind, key)
                 else:
                     assert row[key] == value, (kind, key)
+
+
+@pytest.mark.parametrize("method", ["tempo", "ttrl"])
+def test_model_kernels_reaches_every_kernel_call_of_a_step(tmp_path, micro_model, monkeypatch, method):
+    """model.kernels is an argument, not process state: every dispatch of a run (stage 1, the
+    EM step, evaluation) is called with it."""
+    import tempo_kernels
+
+    seen = []
+    for name in ("linear_logprob", "policy_loss", "em_token_advantage", "group_advantage"):
+        def spy(*args, _real=getattr(tempo_kernels, name), _name=name, backend="auto", **kw):
+            seen.append((_name, backend))
+            return _real(*args, backend=backend, **kw)
+
+        monkeypatch.setattr(tempo_kernels, name, spy)
+    train(micro_config(tmp_path, micro_model, "model.kernels=reference", f"algorithm.method={method}",
+                       "train.steps=1", "eval.every=5", "run.save_checkpoints=false"))
+    advantage = "em_token_advantage" if method == "tempo" else "group_advantage"  # (stage 1's RLVR: em_token)
+    assert {"linear_logprob", "policy_loss", advantage} <= {name for name, _ in seen}
+    assert {backend for _, backend in seen} == {"reference"}
 
 
 def test_eval_command_scores_a_checkpoint(tmp_path, micro_model, capsys):
@@ -252,3 +271,11 @@ def test_compare_tabulates_named_steps_over_seeds(tmp_path, micro_model):
         mean = sum(r["mean@k"] for r in finals) / 2
         assert row.split(" | ")[1].startswith(f"{mean:.3f} ± ")
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+    # finished runs under the same config are read, not run again; another config runs again
+    metrics = tmp_path / "cmp" / "tempo" / "seed0" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    assert compare(cfg, ["tempo", "ttrl"], str(tmp_path / "cmp"), [0, 1], at=[2, 3]) == text
+    assert metrics.stat().st_mtime_ns == stamp
+    cfg.algorithm.clip_high = 0.001
+    compare(cfg, ["tempo"], str(tmp_path / "cmp"), [0], at=[2, 3])
+    assert metrics.stat().st_mtime_ns != stamp

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import TOL, assert_same_run, torchrun
+from torchrun_megatron import token_batch
 
 WORKER = "torchrun_fsdp.py"
 
@@ -25,6 +26,10 @@ def runs(ckpts) -> dict[int, dict]:
 def test_two_fsdp2_processes_match_one(runs):
     assert runs[2]["sharded"] and not runs[1]["sharded"]
     assert_same_run(runs[2], runs[1])
+    # one micro-batch for two ranks: the second runs a stand-in for FSDP2's gathers, writes nothing
+    valid = token_batch().response_mask.bool()
+    diff = (runs[2]["one_micro_batch_infer"]["values"] - runs[1]["one_micro_batch_infer"]["values"])[valid]
+    assert diff.abs().max() < TOL
     one, two = runs[1]["one_micro_batch_step"], runs[2]["one_micro_batch_step"]
     assert set(one) == set(two) and "loss" in two
     for key, value in one.items():

@@ -29,12 +29,11 @@ HALF = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
-    """Parametrised by name: sets TEMPO_KERNELS so the public dispatch runs that path."""
+def backend(request):
+    """Parametrised by name: the `backend` argument that makes the public dispatch run that path."""
     name = request.param
     if name == "triton" and not CAN_TRITON:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("TEMPO_KERNELS", name)
     return name
 
 
@@ -133,11 +132,11 @@ def test_logprob_triton_matches_reference(T, V, D, dtype, temp, ent):
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"], indirect=True)
 def test_logprob_dispatch(backend):
     h, w, lab = _lp_inputs(9, 70, 24, torch.float32)
-    lp, ent = K.linear_logprob(h, w, lab, temperature=0.9, with_entropy=True)
+    lp, ent = K.linear_logprob(h, w, lab, temperature=0.9, with_entropy=True, backend=backend)
     rlp, rent = linear_logprob_reference(h.double(), w.double(), lab, 0.9, True)
     _close(lp, rlp, 1e-4, 1e-5, "logp")
     _close(ent, rent, 1e-4, 1e-5, "entropy")
-    lp2, none = K.linear_logprob(h, w, lab)
+    lp2, none = K.linear_logprob(h, w, lab, backend=backend)
     assert none is None and lp2.dtype == torch.float32
 
 
@@ -147,7 +146,7 @@ def test_logprob_grad_through_one_output(backend, use):
     # with_entropy=True but only one output used: the other must not leak into the grads
     h, w, lab = _lp_inputs(7, 50, 16, torch.float32)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = K.linear_logprob(hh, ww, lab, with_entropy=True)[0 if use == "logp" else 1]
+    out = K.linear_logprob(hh, ww, lab, with_entropy=True, backend=backend)[0 if use == "logp" else 1]
     dh, dw = torch.autograd.grad(out.sum(), [hh, ww])
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref = linear_logprob_reference(h64, w64, lab, 1.0, True)[0 if use == "logp" else 1]
@@ -171,9 +170,9 @@ def test_logprob_under_autocast_runs_in_the_autocast_dtype(backend):
     h, w, lab = _lp_inputs(10, 60, 16, torch.float32)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
-        lp, ent = K.linear_logprob(hh, ww, lab, 0.9, with_entropy=True)
+        lp, ent = K.linear_logprob(hh, ww, lab, 0.9, with_entropy=True, backend=backend)
     (lp.sum() + ent.sum()).backward()
-    want_lp, want_ent = K.linear_logprob(h.bfloat16(), w.bfloat16(), lab, 0.9, with_entropy=True)
+    want_lp, want_ent = K.linear_logprob(h.bfloat16(), w.bfloat16(), lab, 0.9, with_entropy=True, backend=backend)
     _close(lp, want_lp, 0.0, what="logp")  # the same computation as explicit bf16 inputs
     _close(ent, want_ent, 0.0, what="entropy")
     assert hh.grad.dtype == ww.grad.dtype == torch.float32
@@ -185,13 +184,13 @@ def test_logprob_under_autocast_runs_in_the_autocast_dtype(backend):
 def test_logprob_frozen_weight_and_no_grad(backend):
     h, w, lab = _lp_inputs(6, 40, 16, torch.float32)
     hh = h.clone().requires_grad_()
-    lp, _ = K.linear_logprob(hh, w, lab)  # weight frozen: only dH
+    lp, _ = K.linear_logprob(hh, w, lab, backend=backend)  # weight frozen: only dH
     (dh,) = torch.autograd.grad(lp.sum(), [hh])
     h64 = h.double().requires_grad_()
     (rdh,) = torch.autograd.grad(linear_logprob_reference(h64, w.double(), lab)[0].sum(), [h64])
     _close(dh, rdh, 1e-4, 1e-4, "grad hidden")
     with torch.no_grad():  # e.g. old log-probs
-        lp2, _ = K.linear_logprob(h, w, lab)
+        lp2, _ = K.linear_logprob(h, w, lab, backend=backend)
     assert not lp2.requires_grad
     _close(lp2, lp, 0.0)
 
@@ -201,7 +200,7 @@ def test_logprob_vocab_shards_combine_to_full(backend):
     T, V, D, temp = 13, 150, 24, 0.8
     h, w, lab = _lp_inputs(T, V, D, torch.float32, seed=5, ignore=(4,))
     bounds = [0, 37, 101, V]  # uneven shards; some labels in each
-    shards = [K.vocab_shard_stats(h, w[a:b], lab, a, temp) for a, b in zip(bounds, bounds[1:])]
+    shards = [K.vocab_shard_stats(h, w[a:b], lab, a, temp, backend=backend) for a, b in zip(bounds, bounds[1:])]
     rlp, rent = linear_logprob_reference(h.double(), w.double(), lab, temp, True)
 
     lp, ent, lse = K.shard_stats_to_logprob(K.combine_shard_stats(shards), lab)
@@ -221,7 +220,7 @@ def test_logprob_vocab_shards_combine_to_full(backend):
     gl = torch.randn(T, generator=g, dtype=torch.float64).to(DEV)
     ge = torch.randn(T, generator=g, dtype=torch.float64).to(DEV)
     _, _, rdh, rdw = _lp_ref_and_grads(h, w, lab, temp, True, gl, ge)
-    parts = [K.vocab_shard_grad(h, w[a:b], lab, a, lse, ent, gl.float(), ge.float(), temp)
+    parts = [K.vocab_shard_grad(h, w[a:b], lab, a, lse, ent, gl.float(), ge.float(), temp, backend=backend)
              for a, b in zip(bounds, bounds[1:])]
     _close(sum(p[0] for p in parts), rdh, 2e-4, 1e-4, "grad hidden (shards)")
     _close(torch.cat([p[1] for p in parts]), rdw, 2e-4, 1e-4, "grad weight (shards)")
@@ -265,9 +264,9 @@ def test_group_advantage_hand_example(backend):
     scores = torch.tensor([1.0, 4.0, 2.0, 5.0, 3.0, 6.0], device=DEV)
     ids = torch.tensor([0, 7, 0, 1, 0, 7], device=DEV)
     s = 1 / math.sqrt(2)
-    _close(K.group_advantage(scores, ids, eps=0.0), torch.tensor([-1, -s, 0, 0, 1, s]), 1e-6)
-    _close(K.group_advantage(scores, ids, norm_std=False), torch.tensor([-1.0, -1, 0, 0, 1, 1]), 1e-6)
-    out = K.group_advantage(scores, ids)  # eps = 1e-6 shrinks by a factor 1 / (1 + 1e-6 / std)
+    _close(K.group_advantage(scores, ids, eps=0.0, backend=backend), torch.tensor([-1, -s, 0, 0, 1, s]), 1e-6)
+    _close(K.group_advantage(scores, ids, norm_std=False, backend=backend), torch.tensor([-1.0, -1, 0, 0, 1, 1]), 1e-6)
+    out = K.group_advantage(scores, ids, backend=backend)  # eps = 1e-6 shrinks by a factor 1 / (1 + 1e-6 / std)
     _close(out, torch.tensor([-1, -s, 0, 0, 1, s]), 2e-6)
 
 
@@ -281,7 +280,7 @@ def test_group_advantage_matches_reference(backend, dtype, norm_std):
     ids = torch.tensor([9, 2, 9, 2, 5, 9, 2, 40, 9, 2, 2, 2, 11, 11, 9, 9, 9, 2, 3, 3], dtype=torch.int64)
     scores = torch.randn(ids.numel(), generator=g).to(dtype)
     scores[ids == 3] = 0.25  # a zero-variance group
-    out = K.group_advantage(scores.to(DEV), ids.to(DEV), norm_std=norm_std)
+    out = K.group_advantage(scores.to(DEV), ids.to(DEV), norm_std=norm_std, backend=backend)
     ref = group_advantage_reference(scores.double(), ids, norm_std=norm_std)
     assert out.shape == ids.shape
     _close(out, ref, 1e-9 if dtype == torch.float64 else 2e-5, 1e-5)
@@ -297,8 +296,8 @@ def test_em_token_advantage_hand_example(backend):
     V = torch.tensor([[0.5, 0.0, 9.0], [0.0, -0.5, -9.0]], device=DEV)
     m = torch.tensor([[1, 1, 0], [1, 1, 0]], device=DEV)
     want = torch.tensor([[0.5477226, 1.0954451, 0.0], [-1.0954451, -0.5477226, 0.0]])
-    _close(K.em_token_advantage(R, V, m), want, 1e-6)
-    _close(K.em_token_advantage(R, V, m.bool()), want, 1e-6)
+    _close(K.em_token_advantage(R, V, m, backend=backend), want, 1e-6)
+    _close(K.em_token_advantage(R, V, m.bool(), backend=backend), want, 1e-6)
 
 
 @pytest.mark.parametrize("backend", ADV_BACKENDS, indirect=True)
@@ -317,7 +316,7 @@ def test_em_token_advantage_matches_reference(backend, dtype, mask_kind, B, R):
     if B > 5:
         assert B * R > 2048 and all(m.flatten()[i:i + 1024].any() for i in range(0, B * R, 1024))
     mk = m if mask_kind == "bool" else m.float()
-    out = K.em_token_advantage(rew.to(DEV), val.to(DEV), mk.to(DEV))
+    out = K.em_token_advantage(rew.to(DEV), val.to(DEV), mk.to(DEV), backend=backend)
     ref = em_token_advantage_reference(rew.double(), val.double(), m)
     _close(out, ref, 2e-5, 1e-5)
     assert (out.cpu()[~m] == 0).all()
@@ -331,7 +330,7 @@ def test_em_token_advantage_degenerate_masks(backend):
     one = none.clone()
     one[1, 2] = True
     for m in (none, one):
-        out = K.em_token_advantage(R, V, m)
+        out = K.em_token_advantage(R, V, m, backend=backend)
         assert torch.isfinite(out).all() and (out == 0).all()
 
 
@@ -375,7 +374,7 @@ def test_ppo_hand_example(backend):
         (dict(clip_c=3.0, agg="seq-mean-token-sum"), 0.9, [[0, -0.5, 0.5, 0], [0, 0, 0, 0]]),
     ]
     for kw, want_loss, want_grad in cases:
-        loss, g, st = _loss_and_grad(logp, old, adv, mask, kind="ppo", **kw)
+        loss, g, st = _loss_and_grad(logp, old, adv, mask, kind="ppo", **kw, backend=backend)
         _close(loss, torch.tensor(want_loss), 1e-6, what=str(kw))
         _close(g, torch.tensor(want_grad), 1e-6, what=str(kw))
         _close(st["clipfrac"], torch.tensor(0.25), 1e-7)
@@ -396,7 +395,7 @@ def test_gspo_hand_example(backend):
     old = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, -2.0, 0.0]], device=DEV)
     adv = torch.tensor([[1.0, -1.0, 5.0], [2.0, 2.0, 5.0]], device=DEV)
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]], device=DEV)
-    loss, g, st = _loss_and_grad(logp, old, adv, mask, kind="gspo", agg="seq-mean-token-mean")
+    loss, g, st = _loss_and_grad(logp, old, adv, mask, kind="gspo", agg="seq-mean-token-mean", backend=backend)
     _close(loss, torch.tensor(-0.8464466), 1e-6)
     _close(g, torch.tensor([[0, 0.35355339, 0], [-0.45, -0.45, 0]]), 1e-6)
     _close(st["clipfrac"], torch.tensor(0.25), 1e-7)
@@ -419,7 +418,7 @@ def test_policy_loss_matches_reference(backend, kind, agg, clip_c, R):
     lens = torch.tensor([R, 0, 1, R * 20 // 37, R - 4])  # includes a fully masked row and a 1-token row
     mask = torch.arange(R)[None, :] < lens[:, None]
     kw = dict(kind=kind, clip_low=0.2, clip_high=0.28, clip_c=clip_c, agg=agg)
-    loss, grad, st = _loss_and_grad(logp.to(DEV), old.to(DEV), adv.to(DEV), mask.to(DEV), **kw)
+    loss, grad, st = _loss_and_grad(logp.to(DEV), old.to(DEV), adv.to(DEV), mask.to(DEV), **kw, backend=backend)
     lp64 = logp.double().requires_grad_()
     rloss, rst = policy_loss_reference(lp64, old.double(), adv.double(), mask, **kw)
     (rgrad,) = torch.autograd.grad(rloss, [lp64])
@@ -439,7 +438,8 @@ def test_policy_loss_half_inputs(backend, dtype):
     adv = torch.randn(B, R, generator=g).to(dtype)
     mask = torch.rand(B, R, generator=g) > 0.3
     for kind in ("gspo", "ppo"):
-        loss, grad, _ = _loss_and_grad(logp.to(DEV), old.to(DEV), adv.to(DEV), mask.float().to(DEV), kind=kind)
+        loss, grad, _ = _loss_and_grad(logp.to(DEV), old.to(DEV), adv.to(DEV), mask.float().to(DEV), kind=kind,
+                                       backend=backend)
         assert grad.dtype == dtype
         lp64 = logp.double().requires_grad_()
         rloss, _ = policy_loss_reference(lp64, old.double(), adv.double(), mask, kind=kind)
@@ -454,15 +454,15 @@ def test_policy_loss_empty_batch_is_zero_not_nan(backend, agg):
     logp = torch.randn(2, 5, device=DEV)
     mask = torch.zeros(2, 5, dtype=torch.bool, device=DEV)
     for kind in ("gspo", "ppo"):
-        loss, g, st = _loss_and_grad(logp, logp + 1, torch.randn(2, 5, device=DEV), mask, kind=kind, agg=agg)
+        loss, g, st = _loss_and_grad(logp, logp + 1, torch.randn(2, 5, device=DEV), mask, kind=kind, agg=agg,
+                                     backend=backend)
         assert loss.item() == 0.0 and (g == 0).all()
         assert st["clipfrac"].item() == 0.0 and st["approx_kl"].item() == 0.0
 
 
-def test_env_var_rejects_unknown_backend(monkeypatch):
-    monkeypatch.setenv("TEMPO_KERNELS", "cuda-please")
-    with pytest.raises(ValueError):
-        K.group_advantage(torch.zeros(2), torch.zeros(2, dtype=torch.int64))
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="cuda-please"):
+        K.group_advantage(torch.zeros(2), torch.zeros(2, dtype=torch.int64), backend="cuda-please")
 
 
 def test_no_tempo_import():

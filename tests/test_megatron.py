@@ -139,7 +139,6 @@ def test_build_models_rejects_bad_layout_before_process_group(ckpts, monkeypatch
 
     from tempo.build import build_models
 
-    monkeypatch.setenv("TEMPO_KERNELS", "auto")  # build_models sets it: restored after the test
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(None, ["model.backend=megatron", "model.pipeline_parallel=2", "model.tensor_parallel=2"])
     with pytest.raises(ConfigError, match="world size 2 does not factor"):

@@ -45,6 +45,7 @@ def main() -> None:
     # One micro-batch for two ranks: the second runs only a stand-in, and must still reduce
     # the same list of statistics (an EM step's E-step on few labeled rows does this).
     batch = token_batch()
+    res["one_micro_batch_infer"] = critic.infer(batch, len(batch))
     res["one_micro_batch_step"] = critic.train_step([batch], lambda o, mb: value_loss(o, mb, len(batch)))
     if dist.get_rank() == 0:
         torch.save(res, args.out)

@@ -11,13 +11,17 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 import inspect
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from tempo.config import Optim
+from tempo.dist import device as process_device
+
+OUTPUTS = {"policy": ("logp", "entropy"), "critic": ("values",)}
 
 
 def with_cache(forward: Callable, cache) -> dict:
@@ -82,18 +86,37 @@ class TokenBatch:
 class TrainableLM(ABC):
     """A policy or a critic with its optimiser; `kind` says which outputs it produces."""
 
-    kind: str  # "policy": {"logp", "entropy"}; "critic": {"values"}
+    kind: str  # "policy" or "critic": its outputs are OUTPUTS[kind]
+    dp_rank, dp_size = 0, 1  # this process's place among the data-parallel replicas
 
     @abstractmethod
     def forward(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
         """Outputs aligned with the response columns, [B, R]; differentiable."""
 
+    def forward_many(self, parts: list[TokenBatch], mine: list[int]) -> list[dict[str, torch.Tensor] | None]:
+        """Outputs of the micro-batches `parts[i]`, i in `mine` (this replica's), in order; None
+        where this process holds none of them (a pipeline stage before the last)."""
+        return [self.forward(parts[i]) for i in mine]
+
     @torch.no_grad()
     def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
-        """Outputs of the whole batch on the CPU, where the EM loop keeps its tensors."""
+        """Outputs of the whole batch on the CPU, where the EM loop keeps its tensors. Each
+        data-parallel replica runs micro-batches round-robin and writes their rows into a zero
+        buffer; a sum over every process fills in the rows of the others (one writer a row)."""
         self.eval()
-        parts = [self.forward(mb) for mb in batch.split(micro_batch_size)]
-        return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
+        keys, parts = OUTPUTS[self.kind], batch.split(micro_batch_size)
+        mine = list(range(self.dp_rank, len(parts), self.dp_size))
+        got = self.forward_many(parts, mine)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return {k: torch.cat([o[k] for o in got]).float().cpu() for k in keys}
+        out = torch.zeros(len(keys), len(batch), batch.response_len, device=process_device())
+        for i, outputs in zip(mine, got):
+            if outputs is None:
+                continue
+            for k, key in enumerate(keys):
+                out[k, i * micro_batch_size:i * micro_batch_size + len(parts[i])] = outputs[key].float()
+        dist.all_reduce(out)
+        return dict(zip(keys, out.cpu().unbind(0)))
 
     @abstractmethod
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:

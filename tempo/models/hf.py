@@ -64,9 +64,10 @@ class Scorer(torch.nn.Module):
     module. A module of its own so that FSDP2's hooks wrap the whole computation (the trunk is
     called directly and the LM head's weight read as a tensor, bypassing the HF module's forward)."""
 
-    def __init__(self, module: torch.nn.Module, kind: str, temperature: float, share_prompts: bool):
+    def __init__(self, module: torch.nn.Module, kind: str, temperature: float, share_prompts: bool, kernels: str):
         super().__init__()
         self.module, self.kind, self.temperature, self.share_prompts = module, kind, temperature, share_prompts
+        self.kernels = kernels  # the tempo_kernels implementation (model.kernels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
         B, R = input_ids.shape[0], response_len
@@ -78,7 +79,7 @@ class Scorer(torch.nn.Module):
         h = h.reshape(B * R, -1)
         labels = input_ids[:, -R:].reshape(-1)
         logp, entropy = tempo_kernels.linear_logprob(h, self.module.lm_head.weight, labels,
-                                                     self.temperature, with_entropy=True)
+                                                     self.temperature, with_entropy=True, backend=self.kernels)
         return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
 
     def _scoring_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ class HFModel(TrainableLM):
 
     def __init__(self, module: torch.nn.Module, kind: str, optim: Optim, temperature: float = 1.0,
                  share_prompts: bool = False, recompute: str = "none", data_parallel: bool = False,
-                 compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False):
+                 compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False, kernels: str = "auto"):
         assert kind in ("policy", "critic")
         self.device = process_device()  # the loop's tensors stay on the CPU; each batch moves here
         # Offloaded, FSDP2 moves each unit to the GPU as it shards it, then its shard to the host:
@@ -125,11 +126,13 @@ class HFModel(TrainableLM):
         # A recomputed layer would write the shared prompt's KV cache a second time; under FSDP2
         # every rank must run its units as often as the others, which the shared path (two
         # passes, or one when a micro-batch has no repeated prompt) does not guarantee.
-        self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none" and not data_parallel)
+        self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none" and not data_parallel,
+                             kernels)
         self.grad_clip, self.optim = optim.grad_clip, optim
         self.world = dist.get_world_size() if data_parallel else 1
         self.sharded = data_parallel  # FSDP2, also over one rank (cpu_offload)
         self.rank = dist.get_rank() if data_parallel else 0
+        self.dp_rank, self.dp_size = self.rank, self.world
         # Mixed precision: the weights (and so AdamW's update) stay in their dtype, fp32 from
         # build: the master copy that a 1e-6 learning rate needs (bf16 would round it away);
         # matmuls run in compute_dtype (FSDP2 casts its gathered shards; one process autocasts).
@@ -167,22 +170,13 @@ class HFModel(TrainableLM):
             out.append((j, micro_batches[j]) if j < len(micro_batches) else (-1, micro_batches[0]))
         return out
 
-    @torch.no_grad()
-    def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
-        if self.world == 1:
-            return super().infer(batch, micro_batch_size)
-        self.eval()
-        parts = batch.split(micro_batch_size)
-        out: dict[str, torch.Tensor] = {}
-        for j, mb in self._my_micro_batches(parts):
-            got = self.forward(mb)
-            for k, v in got.items():
-                out.setdefault(k, torch.zeros(len(batch), batch.response_len, dtype=v.dtype, device=v.device))
-                if j >= 0:
-                    out[k][j * micro_batch_size:j * micro_batch_size + len(mb)] = v
-        for v in out.values():  # each row written by one rank
-            dist.all_reduce(v)
-        return {k: v.cpu() for k, v in out.items()}
+    def forward_many(self, parts: list[TokenBatch], mine: list[int]) -> list[dict[str, torch.Tensor]]:
+        """FSDP2's gathers are collectives: a rank with fewer micro-batches than another runs
+        stand-ins (the first micro-batch again, its outputs dropped) until they have run as many."""
+        outputs = [self.forward(parts[i]) for i in mine]
+        for _ in range(-(-len(parts) // self.world) - len(mine)):
+            self.forward(parts[0])
+        return outputs
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:
         self.module.train()

@@ -25,8 +25,11 @@ MLP (inside the residual) sit on the output projections, `linear_proj.post_layer
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -277,3 +280,43 @@ def mcore_to_hf(mcore: Mapping[str, torch.Tensor], s: ModelShape, kind: str) -> 
     if kind == "policy" and s.tied:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+class HFCheckpoint:
+    """Tensors of a Hugging Face safetensors checkpoint (one file or an index), read lazily."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        root = Path(path)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (root / "model.safetensors").is_file():
+            with safe_open(root / "model.safetensors", "pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ConfigError(f"model.backend=megatron: no safetensors weights in {path}")
+        self.root, self.files, self._open = root, files, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(self.root / file, "pt")
+        return self._open[file].get_tensor(name)
+
+
+def hf_config_for(hf_config, kind: str):
+    """The HF config a saved checkpoint of this kind carries (critic: token classification, 1 label)."""
+    cfg = copy.deepcopy(hf_config)
+    if kind == "critic":
+        cfg.num_labels = 1
+        cfg.classifier_dropout = 0.0
+        arch = (cfg.architectures or ["Qwen3ForCausalLM"])[0]
+        cfg.architectures = [arch.replace("ForCausalLM", "ForTokenClassification")]
+    return cfg

@@ -25,7 +25,6 @@ rank's pipeline stage (a `GPTModel` chunk; on the last stage also the head) and 
 """
 from __future__ import annotations
 
-import json
 import warnings
 from functools import partial
 from pathlib import Path
@@ -39,154 +38,17 @@ import tempo_kernels
 from tempo.config import Optim
 from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
 from tempo.models.megatron import convert
-from tempo.models.megatron.convert import ModelShape
-from tempo.models.megatron.layers import block_spec
+from tempo.models.megatron.convert import HFCheckpoint, ModelShape, hf_config_for
+from tempo.models.megatron.stage import Stage, layer_spec, olmo3_rope, transformer_config
+from tempo.models.megatron.vocab_parallel import vocab_parallel_logprob
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected on CPU
     warnings.simplefilter("ignore")
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-    from megatron.core.transformer import TransformerConfig
 
 EXPORT_BUCKET_BYTES = 256 << 20
-OUTPUTS = {"policy": ("logp", "entropy"), "critic": ("values",)}
-
-
-def transformer_config(s: ModelShape, tp: int, pp: int, dtype: torch.dtype, sequence_parallel: bool = False,
-                       recompute: str = "none") -> TransformerConfig:
-    """A Qwen3 or OLMo3 block in megatron terms: GQA, q/k RMSNorm, SwiGLU, RMSNorm, no biases;
-    OLMo3's sliding window as megatron's (left, right) window and per-layer flags."""
-    window = dict(window_size=(s.sliding_window - 1, 0), window_attn_skip_freq=[int(x) for x in s.sliding_layers]) \
-        if any(s.sliding_layers) else {}
-    recompute_args = {"selective": dict(recompute_granularity="selective"),
-                      "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-                      "none": {}}[recompute]
-    return TransformerConfig(
-        num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
-        num_query_groups=s.num_kv_heads, kv_channels=s.head_dim, ffn_hidden_size=s.ffn_size,
-        normalization="RMSNorm", layernorm_epsilon=s.norm_eps, qk_layernorm=True,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
-        hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False,
-        variable_seq_lengths=True,  # micro-batches differ in rows and length: p2p sends shapes
-        moe_token_dispatcher_type="alltoall",  # (no MoE; the default "allgather" rejects the line above)
-        calculate_per_token_loss=True,  # the schedule leaves the loop's (already weighted) loss as is
-        sequence_parallel=sequence_parallel and tp > 1, **window, **recompute_args,
-    )
-
-
-def layer_spec(s: ModelShape, layers: int, full_attention_scale: float):
-    """Transformer Engine's Qwen3 spec on GPUs that have it; our blocks (layers.py) otherwise,
-    and for OLMo3 always.
-
-    The TE spec takes the same [b, 1, s, s] mask (arbitrary mask type); it is untested here
-    (no GPU on the development machine)."""
-    if torch.cuda.is_available() and s.arch == "qwen3":
-        try:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-            from megatron.core.transformer.enums import AttnMaskType
-            import transformer_engine  # noqa: F401
-
-            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-            spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
-            return spec
-        except ImportError:
-            pass
-    return block_spec(s.arch, layers, full_attention_scale)
-
-
-def attention_mask(mask: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] bool, True where attention is NOT allowed: the future and padding keys."""
-    s = mask.shape[1]
-    future = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
-    return future[None, None] | ~mask.bool()[:, None, None, :]
-
-
-def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """[s, b, 1, head_dim] rotary angles at each row's own positions (HF's cos/sin layout)."""
-    freqs = position_ids.t().float()[..., None] * inv_freq.float().to(position_ids.device)
-    return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-
-
-def olmo3_rope(hf_config) -> tuple[list[torch.Tensor], float]:
-    """OLMo3: inverse frequencies of the sliding and of the full layers' rotary angles, and the
-    full layers' attention factor, from HF's own rope functions (YaRN included)."""
-    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
-
-    rope = Olmo3RotaryEmbedding(hf_config)
-    kinds = [k if hasattr(rope, f"{k}_inv_freq") else rope.layer_types[0] for k in ("sliding_attention", "full_attention")]
-    return [getattr(rope, f"{k}_inv_freq") for k in kinds], float(getattr(rope, f"{kinds[1]}_attention_scaling"))
-
-
-class Stage(torch.nn.Module):
-    """This rank's pipeline stage: a GPTModel chunk, and the critic's value head on the last."""
-
-    def __init__(self, gpt: GPTModel, kind: str, inv_freqs: list[torch.Tensor]):
-        super().__init__()
-        self.gpt, self.inv_freqs = gpt, inv_freqs
-        self.config, self.model_type = gpt.config, gpt.model_type  # read by the schedules
-        self.value_head = None
-        if kind == "critic" and gpt.post_process:
-            gpt.output_layer = None  # the critic has no LM head
-            self.value_head = torch.nn.Linear(gpt.config.hidden_size, 1, dtype=gpt.config.params_dtype)
-
-    def set_input_tensor(self, tensor) -> None:
-        self.gpt.set_input_tensor(tensor)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [s, b, h] (after the final norm on the last stage; under SP, this TP
-        rank's tokens on the stages before)."""
-        gpt = self.gpt
-        x = gpt.embedding(input_ids=input_ids, position_ids=position_ids) if gpt.pre_process else None
-        rope = torch.cat([rotary_angles(position_ids, f) for f in self.inv_freqs], dim=-1)
-        hidden = gpt.decoder(hidden_states=x, attention_mask=attention_mask(mask), rotary_pos_emb=rope)
-        if gpt.post_process and self.config.sequence_parallel:
-            # Every TP rank's head runs on all tokens and gets the whole gradient: split it back.
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        return hidden
-
-
-class _VocabParallelLogprob(torch.autograd.Function):
-    """log p(label) and entropy over a vocabulary split across the TP group.
-
-    Each rank holds rows [v0, v0 + Vs) of the LM head; `tempo_kernels` computes the shard's
-    statistics (max, sum-exp, entropy sum, target logit) without [N, Vs] logits; one MAX and
-    one SUM all-reduce combine them. Backward: the shard's dW is complete, dH is summed."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start, temperature, group):
-        tk = tempo_kernels
-        st = tk.vocab_shard_stats(hidden, weight, labels, vocab_start, temperature, with_entropy=True)
-        gmax = st.max.clone()
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-        st = tk.rescale_shard_stats(st, gmax)
-        sums = torch.stack([st.sumexp, st.wsum, st.target])
-        dist.all_reduce(sums, group=group)
-        logp, entropy, lse = tk.shard_stats_to_logprob(tk.ShardStats(gmax, *sums.unbind(0)), labels)
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
-        ctx.vocab_start, ctx.temperature, ctx.group = vocab_start, temperature, group
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        grad_h, grad_w = tempo_kernels.vocab_shard_grad(hidden, weight, labels, ctx.vocab_start, lse, entropy,
-                                                        grad_logp, grad_entropy, ctx.temperature)
-        dist.all_reduce(grad_h, group=ctx.group)
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None
-
-
-def vocab_parallel_logprob(hidden, weight_shard, labels, vocab_start: int, vocab_size: int, temperature: float):
-    """(logp, entropy) [N] from hidden [N, d] and this TP rank's LM-head rows; the padding rows
-    of the last shard (vocabulary padded to a multiple of TP) are left out."""
-    rows = max(0, min(weight_shard.shape[0], vocab_size - vocab_start))
-    weight = weight_shard[:rows]
-    return _VocabParallelLogprob.apply(hidden, weight, labels, vocab_start, temperature,
-                                       ps.get_tensor_model_parallel_group())
 
 
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
@@ -198,46 +60,17 @@ def _all_reduce_coalesced(tensors: list[torch.Tensor], group, op=dist.ReduceOp.S
         t.copy_(part.view_as(t))
 
 
-class HFCheckpoint:
-    """Tensors of a Hugging Face safetensors checkpoint (one file or an index), read lazily."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        root = Path(path)
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-        elif (root / "model.safetensors").is_file():
-            with safe_open(root / "model.safetensors", "pt") as f:
-                files = {k: "model.safetensors" for k in f.keys()}
-        else:
-            from tempo.errors import ConfigError
-
-            raise ConfigError(f"model.backend=megatron: no safetensors weights in {path}")
-        self.root, self.files, self._open = root, files, {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(self.root / file, "pt")
-        return self._open[file].get_tensor(name)
-
-
 class MegatronModel(TrainableLM):
     def __init__(self, hf_config, kind: str, *, dtype: torch.dtype, optim: Optim, temperature: float = 1.0,
-                 sequence_parallel: bool = False, recompute: str = "none", cpu_offload: bool = False):
+                 sequence_parallel: bool = False, recompute: str = "none", cpu_offload: bool = False,
+                 kernels: str = "auto"):
         assert kind in ("policy", "critic")
         self.hf_config, self.kind = hf_config, kind
         self.shape = s = ModelShape.from_hf(hf_config)
         self.temperature, self.grad_clip, self.optim = temperature, optim.grad_clip, optim
+        self.kernels = kernels  # the tempo_kernels implementation (model.kernels)
         self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        self.dp = ps.get_data_parallel_world_size()
+        self.dp_size = ps.get_data_parallel_world_size()
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
@@ -376,10 +209,10 @@ class MegatronModel(TrainableLM):
         weight = gpt.shared_embedding_or_output_weight() if self.tied else gpt.output_layer.weight
         if self.tp == 1:
             logp, entropy = tempo_kernels.linear_logprob(h, weight[: self.shape.vocab_size], labels,
-                                                         self.temperature, with_entropy=True)
+                                                         self.temperature, with_entropy=True, backend=self.kernels)
         else:
             logp, entropy = vocab_parallel_logprob(h, weight, labels, self.tp_rank * weight.shape[0],
-                                                   self.shape.vocab_size, self.temperature)
+                                                   self.shape.vocab_size, self.temperature, self.kernels)
         return {"logp": logp.view(B, R), "entropy": entropy.view(B, R)}
 
     def _schedule(self, micro_batches: list[TokenBatch], on_output: Callable, forward_only: bool) -> None:
@@ -420,28 +253,17 @@ class MegatronModel(TrainableLM):
         hidden = self.stage(batch.input_ids, batch.position_ids(), batch.attention_mask)
         return self._head(hidden, batch)
 
-    @torch.no_grad()
-    def infer(self, batch: TokenBatch, micro_batch_size: int) -> dict[str, torch.Tensor]:
-        self.eval()
-        mbs = batch.split(micro_batch_size)
-        starts = [i * micro_batch_size for i in range(len(mbs))]
-        mine = list(range(self.dp_rank, len(mbs), self.dp))
+    def forward_many(self, parts: list[TokenBatch], mine: list[int]) -> list[dict[str, torch.Tensor] | None]:
+        """Through the pipeline schedule; the outputs are the last stage's, written by its first
+        TP rank only (the sum over processes must see each row once)."""
         got: list[dict[str, torch.Tensor]] = []
 
         def keep(outputs, mb):
             got.append(outputs)
             return torch.zeros(())
 
-        self._schedule([mbs[i] for i in mine], keep, forward_only=True)
-        keys = OUTPUTS[self.kind]
-        out = torch.zeros(len(keys), len(batch), batch.response_len, device=self.params[0].device)
-        if self.last and self.tp_rank == 0:  # one writer per micro-batch; the SUM fills the rest in
-            for i, o in zip(mine, got):
-                for k, key in enumerate(keys):
-                    out[k, starts[i]:starts[i] + len(mbs[i])] = o[key].float()
-        if dist.get_world_size() > 1:
-            dist.all_reduce(out)
-        return dict(zip(keys, out.cpu().unbind(0)))
+        self._schedule([parts[i] for i in mine], keep, forward_only=True)
+        return got if self.last and self.tp_rank == 0 else [None] * len(mine)
 
     # -- training ------------------------------------------------------------------------
 
@@ -456,7 +278,7 @@ class MegatronModel(TrainableLM):
             stats.append({k: float(v) for k, v in mb_stats.items()})
             return value
 
-        self._schedule(micro_batches[self.dp_rank::self.dp], loss, forward_only=False)
+        self._schedule(micro_batches[self.dp_rank::self.dp_size], loss, forward_only=False)
         self._finish_grads()
         grad_norm = self._clip_grads()  # global over ranks: every rank takes the same decision
         totals = finish_step(self.optimizer, self.optim, self._mean_stats(stats, len(micro_batches)), grad_norm, True,
@@ -469,7 +291,7 @@ class MegatronModel(TrainableLM):
         for p in self.params:
             if p.grad is None:  # a replica without micro-batches, or an unused parameter
                 p.grad = torch.zeros_like(p)
-        if self.dp > 1:
+        if self.dp_size > 1:
             _all_reduce_coalesced([p.grad for p in self.params], ps.get_data_parallel_group())
         if self.tp > 1:  # weights this rank applies to its heads (or, under SP, its tokens) only
             partial = [p.grad for n, p in self.local_params().items()
@@ -550,19 +372,6 @@ class MegatronModel(TrainableLM):
             self.optimizer.load_state_dict(state["optimizer"])
             if state["masters"] is not None:
                 self._copy(state["masters"], self.masters)
-
-
-def hf_config_for(hf_config, kind: str):
-    """The HF config a saved checkpoint of this kind carries (critic: token classification, 1 label)."""
-    import copy
-
-    cfg = copy.deepcopy(hf_config)
-    if kind == "critic":
-        cfg.num_labels = 1
-        cfg.classifier_dropout = 0.0
-        arch = (cfg.architectures or ["Qwen3ForCausalLM"])[0]
-        cfg.architectures = [arch.replace("ForCausalLM", "ForTokenClassification")]
-    return cfg
 
 
 def load_model(path: str, kind: str, *, dtype: torch.dtype, init_from_policy: bool = False, **kw) -> MegatronModel:
