@@ -28,10 +28,18 @@ DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct")
 log = logging.getLogger("tempo")
 
 
+# Keys that do not change a run's numbers: where it is written and cached, what it logs.
+BESIDE_THE_RESULT = {"run.out_dir", "run.progress", "run.tensorboard", "run.profile_steps", "run.resume",
+                     "run.save_checkpoints", "run.checkpoint_every", "run.keep_checkpoints", "base_model.cache_dir"}
+
+
 def finished(cfg: Config, run_dir: Path) -> dict | None:
-    """The summary of a run that finished in `run_dir` under `cfg`, else None."""
+    """The summary of a run that finished in `run_dir` under `cfg` (keys beside the result
+    aside), else None."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if not (summary.is_file() and saved.is_file()) or config_diff(load_config(saved), cfg):
+    if not (summary.is_file() and saved.is_file()):
+        return None
+    if set(config_diff(load_config(saved), cfg)) - BESIDE_THE_RESULT:
         return None
     return json.loads(summary.read_text())
 

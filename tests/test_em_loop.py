@@ -274,7 +274,8 @@ def test_compare_tabulates_named_steps_over_seeds(tmp_path, micro_model):
     # finished runs under the same config are read, not run again; another config runs again
     metrics = tmp_path / "cmp" / "tempo" / "seed0" / "metrics.jsonl"
     stamp = metrics.stat().st_mtime_ns
-    assert compare(cfg, ["tempo", "ttrl"], str(tmp_path / "cmp"), [0, 1], at=[2, 3]) == text
+    cfg.base_model.cache_dir, cfg.run.tensorboard = str(tmp_path / "moved-cache"), not cfg.run.tensorboard
+    assert compare(cfg, ["tempo", "ttrl"], str(tmp_path / "cmp"), [0, 1], at=[2, 3]) == text  # beside the result
     assert metrics.stat().st_mtime_ns == stamp
     cfg.algorithm.clip_high = 0.001
     compare(cfg, ["tempo"], str(tmp_path / "cmp"), [0], at=[2, 3])

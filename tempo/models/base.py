@@ -141,6 +141,20 @@ class TrainableLM(ABC):
     def load_optimizer(self, path: str) -> None: ...
 
 
+def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Per-key sums over every process, the same on each (a process may hold some keys, or none:
+    a pipeline stage before the last)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    parts: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    totals: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
 def finish_step(optimizer: torch.optim.Optimizer, optim: Optim, totals: dict[str, float], grad_norm: float,
                 finite_loss: bool, lr_scale: float = 1.0) -> dict[str, float]:
     """Step the optimiser at this step's learning rate, unless the loss or the gradient norm is

@@ -20,7 +20,8 @@ from transformers.utils import logging as hf_logging
 import tempo_kernels
 from tempo.config import Optim
 from tempo.dist import device as process_device
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, enable_recompute, finish_step, left_padded_positions, with_cache
+from tempo.models.base import (LossFn, TokenBatch, TrainableLM, enable_recompute, finish_step, left_padded_positions,
+                               sum_over_processes, with_cache)
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -187,20 +188,16 @@ class HFModel(TrainableLM):
         for j, mb in mine:
             mb = mb.to(self.device)  # the loss reads the micro-batch's extras beside the outputs
             loss, stats = loss_fn(self.forward(mb), mb)
-            if j < 0:  # a stand-in: its keys still count, so that every rank reduces the same list
+            if j < 0:  # a stand-in: it runs for FSDP2's collectives and counts for nothing
                 loss = loss * 0.0
-                for k in stats:
-                    sums.setdefault(k, 0.0)
             else:
                 finite &= bool(torch.isfinite(loss))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             loss.backward()
         if self.world > 1:  # every rank takes the same decision on the same numbers
-            keys = sorted(sums)
-            flat = torch.tensor([sums[k] for k in keys] + [float(not finite)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(flat)  # NCCL reduces GPU tensors only
-            sums, finite = dict(zip(keys, flat[:-1].tolist())), flat[-1].item() == 0
+            sums = sum_over_processes(sums | {"nonfinite_micro_batches": float(not finite)})
+            finite = sums.pop("nonfinite_micro_batches") == 0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import tempo_kernels
 from tempo.config import Optim
-from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step
+from tempo.models.base import LossFn, TokenBatch, TrainableLM, finish_step, sum_over_processes
 from tempo.models.megatron import convert
 from tempo.models.megatron.convert import HFCheckpoint, ModelShape, hf_config_for
 from tempo.models.megatron.stage import Stage, layer_spec, olmo3_rope, transformer_config
@@ -324,19 +324,11 @@ class MegatronModel(TrainableLM):
     def _mean_stats(self, stats: list[dict[str, float]], count: int) -> dict[str, float]:
         """Mean over all micro-batches of the loss function's stats, the same on every rank."""
         mine: dict[str, float] = {}
-        if self.last and self.tp_rank == 0:
+        if self.last and self.tp_rank == 0:  # one writer a micro-batch
             for st in stats:
                 for k, v in st.items():
                     mine[k] = mine.get(k, 0.0) + v
-        parts = [mine]
-        if dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine)
-        totals: dict[str, float] = {}
-        for part in parts:
-            for k, v in part.items():
-                totals[k] = totals.get(k, 0.0) + v
-        return {k: v / count for k, v in sorted(totals.items())}
+        return {k: v / count for k, v in sorted(sum_over_processes(mine).items())}
 
     def eval(self) -> None:
         self.stage.eval()
