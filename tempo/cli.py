@@ -46,7 +46,7 @@ def cmd_compare(args) -> None:
     from tempo.compare import compare
 
     compare(_load(args), args.methods.split(","), args.out, [int(s) for s in args.seeds.split(",")],
-            [int(s) for s in args.at.split(",")] if args.at else None)
+            [int(s) for s in args.at.split(",")] if args.at else None, args.name)
 
 
 def cmd_config(args) -> None:
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run several methods from one base model and budget; table + plot",
                        description="Runs each method with the same config and budget for every seed, then writes "
-                                   "comparison.md (final step, mean ± std over seeds) and comparison.png to --out.")
+                                   "NAME.md (final step, mean ± std over seeds) and NAME.png to --out; runs that "
+                                   "finished there under the same config are read, not run again.")
     _config_args(p)
     p.add_argument("--methods", default="tempo,ttrl,empo,m-step-only",
                    help="comma-separated methods (default: %(default)s)")
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated train.seed values (default: %(default)s)")
     p.add_argument("--at", default="", help="comma-separated steps to tabulate, each one the runs evaluate "
                                             "(default: the final step)")
+    p.add_argument("--name", default="comparison", help="file name of the table and the figure (default: %(default)s)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plan", help="per-GPU memory of a config's layout; exit 2 when it does not fit",

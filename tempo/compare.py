@@ -70,9 +70,11 @@ def table(named: dict[str, list[dict]], keys) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: list[int] | None = None) -> str:
+def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: list[int] | None = None,
+            name: str = "comparison") -> str:
     """Each method for each seed from the same config; tables at the final step (or at each
-    step of `at`, which every run must evaluate) and the curves, mean ± std over the seeds."""
+    step of `at`, which every run must evaluate) and the curves, mean ± std over the seeds,
+    in `out`/`name`.md and .png."""
     at = at or [cfg.train.steps]
     if any(step % cfg.eval.every and step != cfg.train.steps or step > cfg.train.steps for step in at):
         raise ConfigError(f"--at {','.join(map(str, at))}: each step must be one the runs evaluate "
@@ -100,7 +102,7 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
             runs[method].append(read_metrics(Path(run_cfg.run.out_dir) / "metrics.jsonl"))
             series[method].append([r for r in runs[method][-1] if r["phase"] == "eval"])
     base = [rows[0] for rows in series[methods[0]]]
-    plot_curves(series, out_dir / "comparison.png", keys=("mean@k", "pass@k", "maj@k", "distinct_answers"))
+    plot_curves(series, out_dir / f"{name}.png", keys=("mean@k", "pass@k", "maj@k", "distinct_answers"))
     command = "tempo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("tempo") else ""
     sections = []
     for step in at:
@@ -120,8 +122,8 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
         "pseudo_corr: their correlation; majority_correct: prompts whose majority answer is right.",
         *sections,
         "Wall clock per method, all seeds (minutes): " + ", ".join(f"{m} {v:.1f}" for m, v in minutes.items()),
-        f"![curves, mean ± std over {len(seeds)} seeds](comparison.png)",
+        f"![curves, mean ± std over {len(seeds)} seeds]({name}.png)",
     ]))
-    (out_dir / "comparison.md").write_text(text + "\n")
+    (out_dir / f"{name}.md").write_text(text + "\n")
     print(text)
     return text

@@ -255,6 +255,18 @@ def test_regime_check_reads_the_held_out_slice():
     assert "maj@k − mean@k +12.0 points (passes" in text  # the held-out slice's, not D_U's 0.0
 
 
+def test_evaluation_leaves_the_training_trajectory_alone(tmp_path, micro_model):
+    """Evaluating every step or only at the end: the same training steps, the same final scores."""
+    runs = {}
+    for every in (1, 3):
+        train(micro_config(tmp_path / str(every), micro_model, "train.steps=3", f"eval.every={every}",
+                           "run.save_checkpoints=false"))
+        runs[every] = read(tmp_path / str(every) / "run")
+    assert [r for r in runs[1] if r["phase"] == "train"] == [r for r in runs[3] if r["phase"] == "train"]
+    final = [[r for r in runs[every] if r["phase"] == "eval"][-1] for every in (1, 3)]
+    assert final[0] == final[1] and final[0]["step"] == 3
+
+
 def test_compare_tabulates_named_steps_over_seeds(tmp_path, micro_model):
     from tempo.compare import compare
 
