@@ -85,7 +85,7 @@ def build_models(cfg: Config, policy_path: str, critic_path: str | None, need_cr
         # the ranks of a tensor-parallel group share one engine (pipeline stages each run their own)
         replicas = cfg.model.tensor_parallel if cfg.model.backend == "megatron" else 1
         llm = start_llm(cfg.rollout, policy_path, tensor_parallel=replicas, dtype=cfg.model.dtype, seed=t.seed)
-        engine = VLLMRolloutEngine(cfg.rollout, llm, tokenizer, seed=t.seed)
+        engine = VLLMRolloutEngine(cfg.rollout, llm, tokenizer)
     else:
         from tempo.rollout.hf import HFRolloutEngine
 

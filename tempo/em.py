@@ -37,8 +37,6 @@ from tempo.task import TaskSplits
 
 log = logging.getLogger("tempo")
 
-EVAL_SEED = 1 << 32  # evaluation's generator: apart from every train.seed's
-
 
 def seed_everything(seed: int) -> None:
     """The global RNGs that sampling draws from (the trainer's own are seeded in it)."""
@@ -259,10 +257,10 @@ class EMTrainer:
     # -- evaluation --------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluation samples from a generator of its own, seeded alike at every evaluation: it
-        leaves training's draws alone (eval.every does not change the trajectory), and the
-        steps and methods of a seed are scored on the same sampling noise."""
+        """Evaluation samples from a fork of torch's generator, reseeded with train.seed at every
+        evaluation: it leaves training's draws alone (eval.every does not change the
+        trajectory), and the steps and methods of a seed are scored on the same sampling noise."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(EVAL_SEED + self.cfg.train.seed)
+            torch.manual_seed(self.cfg.train.seed)
             return evaluate(self.models, self.splits.unlabeled, self.splits.heldout, self.cfg)

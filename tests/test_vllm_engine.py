@@ -120,7 +120,7 @@ def engine(answer, **cfg):
     llm = StandInLLM(base_weights(),
                      [tok.convert_tokens_to_ids(c) for c in answer] if isinstance(answer, str) else answer)
     rollout = RolloutConfig(n=2, max_new_tokens=6, **cfg)
-    return VLLMRolloutEngine(rollout, llm, tok, seed=7, bucket_bytes=40), llm, tok
+    return VLLMRolloutEngine(rollout, llm, tok, bucket_bytes=40), llm, tok
 
 
 def test_a_rollout_wakes_loads_resets_generates_and_sleeps_in_order(vllm_api):
@@ -165,12 +165,15 @@ def test_rollouts_carry_ids_masks_and_the_sampled_tokens_log_probs(vllm_api):
     assert not hasattr(params, "seed")
 
 
-def test_seed_requests_gives_each_call_its_own_seed(vllm_api):
-    """The reproducible mode: one seed a call, from the run's seed."""
+def test_seed_requests_gives_each_call_its_own_seed_from_the_trainers_rng(vllm_api):
+    """The reproducible mode: one seed a call, drawn from torch's RNG (which checkpoints keep)."""
     eng, llm, _ = engine("4", seed_requests=True)
-    eng.generate(["1+1="], 2)
-    eng.generate(["1+1="], 2)
-    assert [p.seed for p in llm.params] == [7, 8]
+    for _ in range(2):
+        torch.manual_seed(0)
+        eng.generate(["1+1="], 2)
+        eng.generate(["1+1="], 2)
+    seeds = [p.seed for p in llm.params]
+    assert seeds[:2] == seeds[2:] and seeds[0] != seeds[1]
 
 
 def test_a_prompt_over_max_prompt_tokens_is_named(vllm_api):
@@ -204,7 +207,7 @@ def test_start_llm_runs_vllm_in_this_process_without_torchrun(vllm_api, no_launc
     assert [os.environ[k] for k in LAUNCH_ENV[:4]] == ["0", "0", "1", "127.0.0.1"]
     assert int(os.environ["MASTER_PORT"]) > 0
     # The weights reach the engine started so (the stand-in refuses a function across processes).
-    eng = VLLMRolloutEngine(RolloutConfig(n=2, max_new_tokens=6), llm, char_tokenizer(), seed=7, bucket_bytes=40)
+    eng = VLLMRolloutEngine(RolloutConfig(n=2, max_new_tokens=6), llm, char_tokenizer(), bucket_bytes=40)
     eng.sync_weights(iter(new_weights().items()))
     eng.generate(["1+1="], 2)
     assert torch.equal(llm.generated_with[0]["lm_head.weight"], new_weights()["lm_head.weight"])

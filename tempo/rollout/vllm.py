@@ -87,10 +87,9 @@ def start_llm(cfg: RolloutConfig, model_path: str, *, tensor_parallel: int, dtyp
 
 
 class VLLMRolloutEngine(RolloutEngine):
-    def __init__(self, cfg: RolloutConfig, llm, tokenizer, seed: int, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, cfg: RolloutConfig, llm, tokenizer, bucket_bytes: int = BUCKET_BYTES):
         super().__init__(cfg)
         self.llm, self.tokenizer, self.bucket_bytes = llm, tokenizer, bucket_bytes
-        self.seed, self.calls = seed, 0
         self.pending: Iterable[tuple[str, torch.Tensor]] | None = None
         self.llm.sleep(level=1)
 
@@ -118,9 +117,9 @@ class VLLMRolloutEngine(RolloutEngine):
             # A request's own seed sends vLLM down its slow per-request sampling path; without one
             # vLLM draws from torch's generator of the GPU (in this process: seeded with the LLM's
             # seed at start, and per call and DP rank by DataParallelRollout).
-            request_seed = {}
-            if self.cfg.seed_requests:
-                request_seed, self.calls = {"seed": self.seed + self.calls}, self.calls + 1
+            # With seed_requests, a call's seed is a draw of the trainer's torch RNG: a checkpoint
+            # replays it, and evaluation (on a forked generator) leaves training's draws alone.
+            request_seed = {"seed": int(torch.randint(2**31 - 1, ()))} if self.cfg.seed_requests else {}
             params = SamplingParams(
                 n=n, temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
                 max_tokens=self.cfg.max_new_tokens, min_tokens=self.cfg.min_new_tokens, logprobs=0, **request_seed)
