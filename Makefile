@@ -39,7 +39,7 @@ compare: $(STAMP)
 
 # The title claim in miniature: 4x the default steps, evaluated at 1x, 2x and 4x.
 scaling: $(STAMP)
-	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,ttrl,empo,m-step-only,rlvr \
+	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,ttrl,empo,rlvr,m-step-only \
 		--seeds 0,1,2 --at 40,80,160 --out benchmarks/results/scaling_tiny_cpu --name scaling train.steps=160 eval.every=40 \
 		run.save_checkpoints=false run.tensorboard=false run.progress=false
 
