@@ -2,8 +2,8 @@
 
 Every figure is the **final** step's, or that of fixed steps named before the run (`--at`, for
 a run's course: 1×, 2×, 4× a budget); never a step picked by D_U's hidden answers, which
-would be oracle selection. Figures are mean ± std over the seeds; the seeds vary the EM loop's
-sampling and shuffles, while stage 1 (cached) is shared. A run that finished under the same
+would be oracle selection. Figures are mean ± std over the seeds; a seed draws the EM loop's
+sampling and shuffles and its own stage-1 critic (cached per seed). A run that finished under the same
 config in the output folder is read, not run again: a long comparison can be run in parts.
 """
 from __future__ import annotations
@@ -22,8 +22,10 @@ from tempo.logger import read_metrics
 from tempo.report import plot_curves
 from tempo.train import train
 
-KEYS = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_unlabeled")
-DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct")
+# critic_auroc_heldout beside D_U's: the labeled slice is where a setting may be chosen
+KEYS = ("mean@k", "pass@k", "maj@k", "distinct_answers", "critic_auroc_unlabeled", "critic_auroc_heldout")
+# the pseudo-reward against the hidden truth, and how right the rows the E-step learns from are
+DRIFT = ("drift/pseudo_acc", "drift/pseudo_corr", "drift/majority_correct", "drift/true_acc_unlabeled", "labeled_acc")
 
 log = logging.getLogger("tempo")
 
@@ -110,7 +112,7 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
         drift = {m: [_drift(run, step) for run in runs[m]] for m in methods}
         title = "Final step" if at == [cfg.train.steps] else f"Step {step}"
         sections += [f"## {title}\n\n" + table({"base (after stage 1)": base, **final}, KEYS),
-                     f"Drift monitor, the 5 training steps up to step {step} (unlabeled rows)\n\n" + table(drift, DRIFT)]
+                     f"Training monitor, the 5 training steps up to step {step}\n\n" + table(drift, DRIFT)]
     which = f"final step {cfg.train.steps}" if at == [cfg.train.steps] else "steps " + ", ".join(map(str, at))
     text = "\n\n".join(filter(None, [
         f"# Comparison on D_U: {len(methods)} methods × {len(seeds)} seeds ({which}, mean ± std)",
@@ -118,8 +120,9 @@ def compare(cfg: Config, methods: list[str], out: str, seeds: list[int], at: lis
         "Same config and budget for every method; seeds " + ", ".join(map(str, seeds))
         + ": the methods of a seed start from that seed's stage-1 models (each seed draws its own critic, so "
         "the ± includes the critic's draw). Fixed steps only: no step is chosen by D_U's answers.",
-        "pseudo_acc: share of rows where the pseudo-reward's verdict matches the hidden truth; "
-        "pseudo_corr: their correlation; majority_correct: prompts whose majority answer is right.",
+        "Training monitor, on the unlabeled rows: pseudo_acc, share of rows where the pseudo-reward's verdict "
+        "matches the hidden truth; pseudo_corr, their correlation; majority_correct, prompts whose majority "
+        "answer is right; true_acc_unlabeled, rows right. On D_L's rows: labeled_acc, rows right.",
         *sections,
         "Wall clock per method, all seeds (minutes): " + ", ".join(f"{m} {v:.1f}" for m, v in minutes.items()),
         f"![curves, mean ± std over {len(seeds)} seeds]({name}.png)",
