@@ -130,10 +130,9 @@ class HFModel(TrainableLM):
         self.scorer = Scorer(module, kind, temperature, share_prompts and recompute == "none" and not data_parallel,
                              kernels)
         self.grad_clip, self.optim = optim.grad_clip, optim
-        self.world = dist.get_world_size() if data_parallel else 1
+        self.dp_size = dist.get_world_size() if data_parallel else 1
         self.sharded = data_parallel  # FSDP2, also over one rank (cpu_offload)
-        self.rank = dist.get_rank() if data_parallel else 0
-        self.dp_rank, self.dp_size = self.rank, self.world
+        self.dp_rank = dist.get_rank() if data_parallel else 0
         # Mixed precision: the weights (and so AdamW's update) stay in their dtype, fp32 from
         # build: the master copy that a 1e-6 learning rate needs (bf16 would round it away);
         # matmuls run in compute_dtype (FSDP2 casts its gathered shards; one process autocasts).
@@ -164,27 +163,25 @@ class HFModel(TrainableLM):
     def _my_micro_batches(self, micro_batches: list[TokenBatch]) -> list[tuple[int, TokenBatch]]:
         """This rank's (index, micro-batch) pairs, round-robin; every rank gets as many (index -1:
         a stand-in that runs for the collectives and counts for nothing)."""
-        per_rank = -(-len(micro_batches) // self.world)
+        per_rank = -(-len(micro_batches) // self.dp_size)
         out = []
         for i in range(per_rank):
-            j = self.rank + i * self.world
+            j = self.dp_rank + i * self.dp_size
             out.append((j, micro_batches[j]) if j < len(micro_batches) else (-1, micro_batches[0]))
         return out
 
     def forward_many(self, parts: list[TokenBatch], mine: list[int]) -> list[dict[str, torch.Tensor]]:
         """FSDP2's gathers are collectives: a rank with fewer micro-batches than another runs
         stand-ins (the first micro-batch again, its outputs dropped) until they have run as many."""
-        outputs = [self.forward(parts[i]) for i in mine]
-        for _ in range(-(-len(parts) // self.world) - len(mine)):
-            self.forward(parts[0])
-        return outputs
+        outputs = [(j, self.forward(mb)) for j, mb in self._my_micro_batches(parts)]
+        return [out for j, out in outputs if j >= 0]  # the indices of `mine`, in order
 
     def train_step(self, micro_batches: list[TokenBatch], loss_fn: LossFn, lr_scale: float = 1.0) -> dict[str, float]:
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         finite = True
-        mine = self._my_micro_batches(micro_batches) if self.world > 1 else list(enumerate(micro_batches))
+        mine = self._my_micro_batches(micro_batches) if self.dp_size > 1 else list(enumerate(micro_batches))
         for j, mb in mine:
             mb = mb.to(self.device)  # the loss reads the micro-batch's extras beside the outputs
             loss, stats = loss_fn(self.forward(mb), mb)
@@ -195,7 +192,7 @@ class HFModel(TrainableLM):
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             loss.backward()
-        if self.world > 1:  # every rank takes the same decision on the same numbers
+        if self.dp_size > 1:  # every rank takes the same decision on the same numbers
             sums = sum_over_processes(sums | {"nonfinite_micro_batches": float(not finite)})
             finite = sums.pop("nonfinite_micro_batches") == 0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
@@ -213,7 +210,7 @@ class HFModel(TrainableLM):
             yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
     def _optimizer_file(self, path: str) -> Path:
-        return Path(path) / (f"optimizer_rank{self.rank}.pt" if self.sharded else OPTIMIZER_FILE)
+        return Path(path) / (f"optimizer_rank{self.dp_rank}.pt" if self.sharded else OPTIMIZER_FILE)
 
     def save(self, path: str) -> None:
         """HF layout (rank 0) and the optimiser state (each rank its shard). Under FSDP2 the full
@@ -227,10 +224,10 @@ class HFModel(TrainableLM):
         else:
             weights = dict(self.export_weights())
         Path(path).mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
+        if self.dp_rank == 0:
             self.module.save_pretrained(path, state_dict=weights)
         torch.save(self.optimizer.state_dict(), self._optimizer_file(path))
-        if self.world > 1:
+        if self.dp_size > 1:
             dist.barrier()
 
     def load_optimizer(self, path: str) -> None:
