@@ -36,6 +36,9 @@ class TaskConfig:
     num_unlabeled: int = key(256, "D_U: answers hidden from training, used only to score")
     num_heldout: int = key(64, "labeled slice never trained on: measures the critic's calibration")
     num_stage1: int = key(1024, "stage 1's labeled training set (RLVR before test time), not D_L")
+    stage1_max_ops: Optional[int] = key(None,
+        "most operations in stage 1's chains (the verifier's solutions and the critic's pool); null: max_ops. "
+        "Under max_ops the task drifts: test time brings longer chains than the critic was trained to judge")
     # The teacher whose worked solutions the base policy imitates (tempo.task.Teacher).
     slip: float = key(0.0, "chance a step's result is a random wrong value")
     misconceptions: float = key(0.0, "share of the facts `a op b` the teacher believes wrong")
@@ -395,6 +398,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{sec}.{key}: must be positive")
     if cfg.task.max_ops < cfg.task.min_ops:
         raise ConfigError("task.max_ops: must be at least task.min_ops")
+    if cfg.task.stage1_max_ops is not None and not cfg.task.min_ops <= cfg.task.stage1_max_ops <= cfg.task.max_ops:
+        raise ConfigError("task.stage1_max_ops: must be between task.min_ops and task.max_ops")
     if not 0 <= cfg.train.labeled_per_step <= cfg.train.prompts_per_step:
         raise ConfigError("train.labeled_per_step: must be between 0 and train.prompts_per_step")
     if not 1 <= cfg.eval.pass_k <= cfg.eval.k:

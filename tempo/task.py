@@ -140,14 +140,21 @@ class TaskSplits:
     stage1: list[Problem]  # labeled training data of stage 1 (RLVR before test time)
 
 
+def stage1_task(cfg: TaskConfig) -> TaskConfig:
+    """The task as stage 1 sees it: chains of at most `task.stage1_max_ops` operations."""
+    return cfg if cfg.stage1_max_ops is None else dataclasses.replace(cfg, max_ops=cfg.stage1_max_ops)
+
+
 def make_splits(cfg: TaskConfig) -> TaskSplits:
-    """D_L, D_U, the held-out slice and stage 1's data: disjoint questions, fixed by cfg.seed."""
+    """D_L, D_U, the held-out slice and stage 1's data: disjoint questions, fixed by cfg.seed.
+    Stage 1's are drawn last, so its size and chain lengths leave the other three unchanged."""
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
     sizes = {"labeled": cfg.num_labeled, "unlabeled": cfg.num_unlabeled, "heldout": cfg.num_heldout,
              "stage1": cfg.num_stage1}
     return TaskSplits(**{
-        split: [_problem(c, i, split, split != "unlabeled") for i, c in enumerate(_unique_chains(rng, cfg, size, taken))]
+        split: [_problem(c, i, split, split != "unlabeled")
+                for i, c in enumerate(_unique_chains(rng, stage1_task(cfg) if split == "stage1" else cfg, size, taken))]
         for split, size in sizes.items()
     })
 
@@ -171,10 +178,11 @@ def teacher_floor(cfg: TaskConfig, corpus: list[tuple[str, str]], tokens_of) -> 
 def sft_corpus(cfg: TaskConfig, count: int, seed: int, teacher: bool = True) -> list[tuple[str, str]]:
     """(question, worked solution) pairs, disjoint from D_L, D_U and the held-out slice: the
     imperfect teacher's solutions for the base policy, right ones (`teacher=False`) for the
-    verifier. Stage 1's pool is training data too and may share a few questions; leaving it
+    verifier, which is stage 1's and so sees its chain lengths. Stage 1's pool is training data too and may share a few questions; leaving it
     out of the exclusion keeps the base model the same whatever the pool's size."""
     splits = make_splits(dataclasses.replace(cfg, num_stage1=0))
     taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout}
     rng = random.Random(f"sft-{seed}" if teacher else f"verifier-{seed}")
     writer = Teacher(cfg) if teacher else None
-    return [(c.question, c.solution(writer, rng)) for c in _unique_chains(rng, cfg, count, taken)]
+    chains = _unique_chains(rng, cfg if teacher else stage1_task(cfg), count, taken)
+    return [(c.question, c.solution(writer, rng)) for c in chains]

@@ -32,6 +32,7 @@ def test_help_describes_the_commands():
     (["train", "--config", "configs/missing.yaml"], "config file not found: configs/missing.yaml"),
     (["train", "data.source=files", "data.unlabeled_files=/nonexistent/d.json"], "/nonexistent/d.json"),
     (["train", "algorithm.method=ttlr"], "did you mean 'ttrl'?"),
+    (["train", "task.stage1_max_ops=9"], "task.stage1_max_ops: must be between task.min_ops and task.max_ops"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     assert main(args) == 2

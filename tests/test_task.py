@@ -147,3 +147,20 @@ def test_sft_that_misses_its_target_by_the_cap_is_one_line_naming_the_knob(tmp_p
                                                r"\(base_model.sft_max_steps\), target 0\.\d+ \(floor 0\.\d+\)"):
         ensure_base_model(task, base)
     assert not base_model_dir(task, base).exists()  # nothing half-built is left to be loaded
+
+
+def test_a_drifting_task_shortens_stage_1_only():
+    # task.stage1_max_ops: stage 1 (the verifier's solutions, the critic's pool) sees chains of
+    # at most 3 operations; D_L, D_U and the held-out slice stay the default task's.
+    cfg = TaskConfig(modulus=7, min_ops=2, max_ops=5, num_labeled=20, num_unlabeled=20, num_heldout=10, num_stage1=50)
+    drift = dataclasses.replace(cfg, stage1_max_ops=3)
+    a, b = make_splits(cfg), make_splits(drift)
+    assert (a.labeled, a.unlabeled, a.heldout) == (b.labeled, b.unlabeled, b.heldout)
+    ops = lambda problems: {p.prompt.count("+") + p.prompt.count("-") + p.prompt.count("*") for p in problems}
+    assert ops(b.stage1) == {2, 3} and ops(a.stage1) == {2, 3, 4, 5} and 5 in ops(b.unlabeled)
+    verifier = {len(STEP.findall(s)) for _, s in sft_corpus(drift, 100, seed=0, teacher=False)}
+    policy = {len(STEP.findall(s)) for _, s in sft_corpus(drift, 100, seed=0)}
+    assert verifier == {2, 3} and policy == {2, 3, 4, 5}
+    base = BaseModelConfig()
+    assert base_model_dir(drift, base) == base_model_dir(cfg, base)
+    assert base_model_dir(drift, base, "verifier") != base_model_dir(cfg, base, "verifier")
