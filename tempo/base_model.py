@@ -33,6 +33,7 @@ def base_model_dir(task: TaskConfig, base: BaseModelConfig, kind: str = "base") 
     if kind == "base":  # the policy does not depend on the verifier's settings, stage 1's included
         shape = {k: v for k, v in shape.items() if not k.startswith("verifier_")}
         corpus.pop("stage1_max_ops")
+        corpus.pop("stage1_ops")
     key = json.dumps({"task": corpus, "base": shape}, sort_keys=True)
     return Path(base.cache_dir) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 

@@ -32,6 +32,7 @@ class TaskConfig:
     modulus: int = key(13, "arithmetic modulo this prime: answers are 0 .. modulus-1")
     min_ops: int = key(3, "fewest operations in a chain")
     max_ops: int = key(5, "most operations in a chain")
+    ops: str = key("+-*", "the operations a chain's steps draw from, uniformly")
     num_labeled: int = key(64, "D_L: the small labeled set the E-step recalibrates on")
     num_unlabeled: int = key(256, "D_U: answers hidden from training, used only to score")
     num_heldout: int = key(64, "labeled slice never trained on: measures the critic's calibration")
@@ -39,6 +40,9 @@ class TaskConfig:
     stage1_max_ops: Optional[int] = key(None,
         "most operations in stage 1's chains (the verifier's solutions and the critic's pool); null: max_ops. "
         "Under max_ops the task drifts: test time brings longer chains than the critic was trained to judge")
+    stage1_ops: Optional[str] = key(None,
+        "the operations of stage 1's chains; null: ops. Fewer than ops, the task drifts: test time brings steps "
+        "the critic was never trained to judge, and that only D_L shows it")
     # The teacher whose worked solutions the base policy imitates (tempo.task.Teacher).
     slip: float = key(0.0, "chance a step's result is a random wrong value")
     misconceptions: float = key(0.0, "share of the facts `a op b` the teacher believes wrong")
@@ -400,6 +404,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task.max_ops: must be at least task.min_ops")
     if cfg.task.stage1_max_ops is not None and not cfg.task.min_ops <= cfg.task.stage1_max_ops <= cfg.task.max_ops:
         raise ConfigError("task.stage1_max_ops: must be between task.min_ops and task.max_ops")
+    if not cfg.task.ops or set(cfg.task.ops) - set("+-*"):
+        raise ConfigError(f"task.ops: {cfg.task.ops!r} must be some of +, - and *")
+    if cfg.task.stage1_ops is not None and (not cfg.task.stage1_ops or set(cfg.task.stage1_ops) - set(cfg.task.ops)):
+        raise ConfigError(f"task.stage1_ops: {cfg.task.stage1_ops!r} must be some of task.ops ({cfg.task.ops!r})")
     if not 0 <= cfg.train.labeled_per_step <= cfg.train.prompts_per_step:
         raise ConfigError("train.labeled_per_step: must be between 0 and train.prompts_per_step")
     if not 1 <= cfg.eval.pass_k <= cfg.eval.k:

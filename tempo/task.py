@@ -109,7 +109,7 @@ def random_chain(rng: random.Random, cfg: TaskConfig) -> Chain:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
     # No "*0": it erases the chain, so a wrong chain would still land on the right answer.
     ops = tuple((op, rng.randrange(1 if op == "*" else 0, cfg.modulus))
-                for op in (rng.choice(OPS) for _ in range(n_ops)))
+                for op in (rng.choice(cfg.ops) for _ in range(n_ops)))
     return Chain(rng.randrange(cfg.modulus), ops, cfg.modulus)
 
 
@@ -141,8 +141,9 @@ class TaskSplits:
 
 
 def stage1_task(cfg: TaskConfig) -> TaskConfig:
-    """The task as stage 1 sees it: chains of at most `task.stage1_max_ops` operations."""
-    return cfg if cfg.stage1_max_ops is None else dataclasses.replace(cfg, max_ops=cfg.stage1_max_ops)
+    """The task as stage 1 sees it: chains of at most `task.stage1_max_ops` operations, drawn
+    from `task.stage1_ops`."""
+    return dataclasses.replace(cfg, max_ops=cfg.stage1_max_ops or cfg.max_ops, ops=cfg.stage1_ops or cfg.ops)
 
 
 def make_splits(cfg: TaskConfig) -> TaskSplits:

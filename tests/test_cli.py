@@ -33,6 +33,8 @@ def test_help_describes_the_commands():
     (["train", "data.source=files", "data.unlabeled_files=/nonexistent/d.json"], "/nonexistent/d.json"),
     (["train", "algorithm.method=ttlr"], "did you mean 'ttrl'?"),
     (["train", "task.stage1_max_ops=9"], "task.stage1_max_ops: must be between task.min_ops and task.max_ops"),
+    (["train", "task.ops=+/"], "task.ops: '+/' must be some of +, - and *"),
+    (["train", "task.ops=+-", "task.stage1_ops=*"], "task.stage1_ops: '*' must be some of task.ops ('+-')"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     assert main(args) == 2

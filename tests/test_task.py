@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -149,18 +150,23 @@ def test_sft_that_misses_its_target_by_the_cap_is_one_line_naming_the_knob(tmp_p
     assert not base_model_dir(task, base).exists()  # nothing half-built is left to be loaded
 
 
-def test_a_drifting_task_shortens_stage_1_only():
-    # task.stage1_max_ops: stage 1 (the verifier's solutions, the critic's pool) sees chains of
-    # at most 3 operations; D_L, D_U and the held-out slice stay the default task's.
+def test_a_drifting_task_narrows_stage_1_only():
+    # task.stage1_max_ops, task.stage1_ops: stage 1 (the verifier's solutions, the critic's pool)
+    # sees shorter chains of fewer operations; D_L, D_U, the held-out slice and the base
+    # policy stay the default task's.
     cfg = TaskConfig(modulus=7, min_ops=2, max_ops=5, num_labeled=20, num_unlabeled=20, num_heldout=10, num_stage1=50)
-    drift = dataclasses.replace(cfg, stage1_max_ops=3)
+    drift = dataclasses.replace(cfg, stage1_max_ops=3, stage1_ops="+-")
     a, b = make_splits(cfg), make_splits(drift)
     assert (a.labeled, a.unlabeled, a.heldout) == (b.labeled, b.unlabeled, b.heldout)
-    ops = lambda problems: {p.prompt.count("+") + p.prompt.count("-") + p.prompt.count("*") for p in problems}
-    assert ops(b.stage1) == {2, 3} and ops(a.stage1) == {2, 3, 4, 5} and 5 in ops(b.unlabeled)
-    verifier = {len(STEP.findall(s)) for _, s in sft_corpus(drift, 100, seed=0, teacher=False)}
-    policy = {len(STEP.findall(s)) for _, s in sft_corpus(drift, 100, seed=0)}
-    assert verifier == {2, 3} and policy == {2, 3, 4, 5}
+    steps = lambda questions: [re.findall(r"[-+*]\d", q) for q in questions]
+    assert {len(s) for s in steps(p.prompt for p in b.stage1)} == {2, 3}
+    assert {op[0] for s in steps(p.prompt for p in b.stage1) for op in s} == {"+", "-"}
+    assert {len(s) for s in steps(p.prompt for p in a.stage1)} == {2, 3, 4, 5}
+    assert any("*" in p.prompt for p in a.stage1) and any("*" in p.prompt for p in b.unlabeled)
+    verifier = steps(q for q, _ in sft_corpus(drift, 100, seed=0, teacher=False))
+    policy = steps(q for q, _ in sft_corpus(drift, 100, seed=0))
+    assert max(map(len, verifier)) == 3 and not any(op[0] == "*" for s in verifier for op in s)
+    assert max(map(len, policy)) == 5 and any(op[0] == "*" for s in policy for op in s)
     base = BaseModelConfig()
     assert base_model_dir(drift, base) == base_model_dir(cfg, base)
     assert base_model_dir(drift, base, "verifier") != base_model_dir(cfg, base, "verifier")
