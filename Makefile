@@ -37,10 +37,14 @@ compare: $(STAMP)
 	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,rlvr,ttrl,empo --seeds 0,1,2 \
 		--out benchmarks/results/compare_tiny_cpu run.save_checkpoints=false run.tensorboard=false run.progress=false
 
-# The title claim in miniature: 4x the default steps, evaluated at 1x, 2x and 4x.
+# The title claim in miniature: 4x the default steps, evaluated at 1x, 2x and 4x; then TEMPO
+# against its frozen critic on a drifting task, where stage 1 never saw a multiplication.
 scaling: $(STAMP)
 	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic,ttrl,empo,rlvr,m-step-only \
 		--seeds 0,1,2 --at 40,80,160 --out benchmarks/results/scaling_tiny_cpu --name scaling train.steps=160 eval.every=40 \
+		run.save_checkpoints=false run.tensorboard=false run.progress=false
+	$(BIN)/tempo compare --config $(CONFIG) --methods tempo,tempo-fixed-critic --seeds 0,1,2 --at 40,80,160 \
+		--out benchmarks/results/scaling_tiny_cpu/drift_ops --name drift train.steps=160 eval.every=40 task.stage1_ops=+- \
 		run.save_checkpoints=false run.tensorboard=false run.progress=false
 
 clean:
