@@ -29,7 +29,7 @@ log = logging.getLogger("tempo")
 def base_model_dir(task: TaskConfig, base: BaseModelConfig, kind: str = "base") -> Path:
     """Cache directory of the base policy (`kind="base"`) or of the verifier built on it."""
     shape = {k: v for k, v in asdict(base).items() if k != "cache_dir"}
-    corpus = {k: v for k, v in asdict(task).items() if k != "num_stage1"}  # see task.sft_corpus
+    corpus = {k: v for k, v in asdict(task).items() if k not in ("num_stage1", "labeled_is_stage1")}  # see task.sft_corpus
     if kind == "base":  # the policy does not depend on the verifier's settings, stage 1's included
         shape = {k: v for k, v in shape.items() if not k.startswith("verifier_")}
         corpus.pop("stage1_max_ops")

@@ -37,6 +37,9 @@ class TaskConfig:
     num_unlabeled: int = key(256, "D_U: answers hidden from training, used only to score")
     num_heldout: int = key(64, "labeled slice never trained on: measures the critic's calibration")
     num_stage1: int = key(1024, "stage 1's labeled training set (RLVR before test time), not D_L")
+    labeled_is_stage1: bool = key(False,
+        "true: D_L is stage 1's labeled set, a stream of questions the policy sees about once each (the authors' "
+        "likely D_L: their stage-1 training set); false: task.num_labeled questions of D_L's own")
     stage1_max_ops: Optional[int] = key(None,
         "most operations in stage 1's chains (the verifier's solutions and the critic's pool); null: max_ops. "
         "Under max_ops the task drifts: test time brings longer chains than the critic was trained to judge")

@@ -36,6 +36,7 @@ def stage1_key(cfg: Config, base_path: str, critic_base: str | None) -> str:
     shape["model"].pop("kernels")
     shape["model"].pop("cpu_offload")
     shape["algorithm"].pop("method")
+    shape["task"].pop("labeled_is_stage1")  # stage 1 trains on its own data, whatever D_L is
     # Stage 1's batches are all labeled and its critic trains at stage1.critic_lr.
     shape["seed"] = cfg.train.seed
     for key in ("steps", "labeled_per_step", "critic_lr", "seed", "max_bad_steps"):

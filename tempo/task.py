@@ -153,11 +153,12 @@ def make_splits(cfg: TaskConfig) -> TaskSplits:
     taken: set[str] = set()
     sizes = {"labeled": cfg.num_labeled, "unlabeled": cfg.num_unlabeled, "heldout": cfg.num_heldout,
              "stage1": cfg.num_stage1}
-    return TaskSplits(**{
+    splits = TaskSplits(**{
         split: [_problem(c, i, split, split != "unlabeled")
                 for i, c in enumerate(_unique_chains(rng, stage1_task(cfg) if split == "stage1" else cfg, size, taken))]
         for split, size in sizes.items()
     })
+    return dataclasses.replace(splits, labeled=splits.stage1) if cfg.labeled_is_stage1 else splits
 
 
 STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+);")
@@ -181,7 +182,7 @@ def sft_corpus(cfg: TaskConfig, count: int, seed: int, teacher: bool = True) -> 
     imperfect teacher's solutions for the base policy, right ones (`teacher=False`) for the
     verifier, which is stage 1's and so sees its chain lengths. Stage 1's pool is training data too and may share a few questions; leaving it
     out of the exclusion keeps the base model the same whatever the pool's size."""
-    splits = make_splits(dataclasses.replace(cfg, num_stage1=0))
+    splits = make_splits(dataclasses.replace(cfg, num_stage1=0, labeled_is_stage1=False))
     taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout}
     rng = random.Random(f"sft-{seed}" if teacher else f"verifier-{seed}")
     writer = Teacher(cfg) if teacher else None

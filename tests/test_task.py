@@ -170,3 +170,16 @@ def test_a_drifting_task_narrows_stage_1_only():
     base = BaseModelConfig()
     assert base_model_dir(drift, base) == base_model_dir(cfg, base)
     assert base_model_dir(drift, base, "verifier") != base_model_dir(cfg, base, "verifier")
+
+
+def test_d_l_can_be_stage_1s_labeled_set():
+    # task.labeled_is_stage1: D_L is the stage-1 pool; D_U, the held-out slice, the base
+    # policy and stage 1 itself are unchanged.
+    cfg = TaskConfig(modulus=7, num_labeled=20, num_unlabeled=20, num_heldout=10, num_stage1=50)
+    stream = dataclasses.replace(cfg, labeled_is_stage1=True)
+    a, b = make_splits(cfg), make_splits(stream)
+    assert (a.unlabeled, a.heldout, a.stage1) == (b.unlabeled, b.heldout, b.stage1) and b.labeled == a.stage1
+    assert sft_corpus(cfg, 50, seed=0) == sft_corpus(stream, 50, seed=0)
+    base = BaseModelConfig()
+    assert base_model_dir(stream, base) == base_model_dir(cfg, base)
+    assert base_model_dir(stream, base, "verifier") == base_model_dir(cfg, base, "verifier")
