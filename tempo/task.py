@@ -158,6 +158,7 @@ def make_splits(cfg: TaskConfig) -> TaskSplits:
                 for i, c in enumerate(_unique_chains(rng, stage1_task(cfg) if split == "stage1" else cfg, size, taken))]
         for split, size in sizes.items()
     })
+    # D_L's own questions are drawn even when stage 1's replace them, so that D_U stays the same.
     return dataclasses.replace(splits, labeled=splits.stage1) if cfg.labeled_is_stage1 else splits
 
 
@@ -180,8 +181,9 @@ def teacher_floor(cfg: TaskConfig, corpus: list[tuple[str, str]], tokens_of) -> 
 def sft_corpus(cfg: TaskConfig, count: int, seed: int, teacher: bool = True) -> list[tuple[str, str]]:
     """(question, worked solution) pairs, disjoint from D_L, D_U and the held-out slice: the
     imperfect teacher's solutions for the base policy, right ones (`teacher=False`) for the
-    verifier, which is stage 1's and so sees its chain lengths. Stage 1's pool is training data too and may share a few questions; leaving it
-    out of the exclusion keeps the base model the same whatever the pool's size."""
+    verifier, which is stage 1's and so sees its chains (`stage1_task`). Stage 1's pool is
+    training data too and may share a few questions; leaving it out of the exclusion keeps the
+    base model the same whatever the pool's size."""
     splits = make_splits(dataclasses.replace(cfg, num_stage1=0, labeled_is_stage1=False))
     taken = {p.prompt for p in splits.labeled + splits.unlabeled + splits.heldout}
     rng = random.Random(f"sft-{seed}" if teacher else f"verifier-{seed}")
